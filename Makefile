@@ -1,0 +1,34 @@
+# pihub — `make help` lists the targets; `make test` is what CI runs.
+SHELL := /bin/bash
+PYTHON ?= python3
+PYTEST ?= $(PYTHON) -m pytest
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
+
+.PHONY: dev
+dev: ## Install the test tools and the pihub package (editable) into the current Python
+	$(PYTHON) -m pip install -r requirements-dev.txt
+	$(PYTHON) -m pip install -e 'files/daemons[tsdb,web]'
+
+.PHONY: test
+test: test-unit lint ## Run every test: unit tests, linters, then Molecule
+
+.PHONY: test-unit
+test-unit: ## Python tests of the daemons against a real Mosquitto (and friends)
+	$(PYTEST) tests
+
+.PHONY: lint-python
+lint-python: ## ruff and mypy on the pihub package
+	$(PYTHON) -m ruff check files/daemons tests bench
+	$(PYTHON) -m mypy files/daemons/src
+
+.PHONY: lint
+lint: lint-python ## Every linter
+
+.PHONY: bench
+bench: ## Idle memory and time-to-READY of every daemon (figures for README)
+	$(PYTHON) bench/daemon_footprint.py
