@@ -1,0 +1,549 @@
+"""pihub-store-rrd: every measurement of ``<root>/data/#`` into one round-robin database each.
+
+Reads (QoS 1, persistent session)::
+
+    <root>/data/<location>/<quantity>   {"value": 21.5, "unit": "°C", "ts": 1717000000.123}
+
+Writes one RRD per series, ``<rrd_dir>/<location>/<quantity>.rrd``, created on first sight
+(DESIGN.md section 4): one GAUGE data source ``value``, step 60 s, heartbeat ``rrd_heartbeat``,
+AVERAGE, MIN and MAX archives of 2 days at 1 min, 2 weeks at 5 min, 13 months at 1 h and
+10 years at 1 day. Beside it, ``<quantity>.json`` records the series' unit and topic
+(``{"location", "quantity", "unit", "topic", "created"}``) for graphs and readers.
+
+Updates go through rrdcached's socket (its text protocol, ``UPDATE <file> <ts>:<value>``) when
+``rrdcached_socket`` is set, and straight into the file otherwise; while rrdcached cannot be
+reached they go straight into the file too. Files are created with ``rrdtool create`` (never
+through rrdcached, which only learns a file once it exists). Direct writes and creations use one
+long-lived ``rrdtool -`` process (rrdtool's pipe mode): no compiled Python binding.
+
+An update that is not newer than the file's last one (a retained message delivered again, a
+sensor whose clock went back) is counted as ``stale`` and logged at debug level. A file that cannot
+be created or written (permissions, full disk) is logged once per series and counted as
+``write_errors``; the other series go on.
+
+Publishes nothing of its own besides ``<root>/store-rrd/status`` and ``.../meta`` (counters
+``stored``, ``created``, ``stale``, ``write_errors``, ``rrdcached_errors``; ``series`` and
+``rrdcached`` state in the heartbeat).
+
+``pihub-store-rrd --graph [SERIES...]`` renders PNG graphs (last day, week, month, year) of the
+series (``location/quantity``; all of them by default) into ``--out``; see ``--graph --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from .bus import Message
+from .config import EX_CONFIG, BaseConfig, ConfigError, load_file, setting
+from .daemon import Daemon
+from .topics import SEGMENT, Measurement
+
+STEP = 60
+DS_NAME = "value"
+#: (rows, steps per row): 2 days at 1 min, 2 weeks at 5 min, 13 months at 1 h, 10 years at 1 day
+ARCHIVES = ((2 * 1440, 1), (14 * 288, 5), (396 * 24, 60), (3660, 1440))
+CONSOLIDATIONS = ("AVERAGE", "MIN", "MAX")
+STALE_MARK = "illegal attempt to update using time"
+
+SOCKET_PATTERN = r"^(unix:)?/\S+$"
+
+
+@dataclass(kw_only=True)
+class Config(BaseConfig):
+    rrd_dir: str = setting(
+        "/var/lib/pihub/rrd",
+        "Directory of the RRD files, <rrd_dir>/<location>/<quantity>.rrd (absolute path, "
+        "no spaces). rrdcached must serve it (its -b base directory).",
+        pattern=r"^/\S*$",
+    )
+    rrdcached_socket: str | None = setting(
+        None,
+        "rrdcached's unix socket (unix:/path or /path); null writes the files directly.",
+        example="unix:/run/rrdcached.sock",
+        pattern=SOCKET_PATTERN,
+    )
+    rrdcached_timeout: float = setting(
+        10.0, "Seconds to wait for rrdcached to answer before writing directly.", min=0.1,
+        max=300,
+    )
+    rrdcached_retry: float = setting(
+        10.0,
+        "Seconds to write directly after rrdcached failed, before trying its socket again.",
+        min=0.1, max=3600,
+    )
+    rrd_heartbeat: int = setting(
+        300,
+        "RRD heartbeat of new files, seconds: a gap between two updates longer than this "
+        "is stored as unknown.",
+        min=STEP, max=86400,
+    )
+    rrdtool: str = setting("rrdtool", "The rrdtool program (a name on PATH or a path).")
+
+
+class RrdError(Exception):
+    """rrdtool or rrdcached refused a command; ``stale`` when the update was not newer."""
+
+    @property
+    def stale(self) -> bool:
+        return STALE_MARK in str(self)
+
+
+def socket_path(address: str) -> str:
+    return address[5:] if address.startswith("unix:") else address
+
+
+def rrd_number(x: float) -> str:
+    """A number as rrdtool reads it: plain decimals, full precision."""
+    return repr(float(x))
+
+
+# --------------------------------------------------------------------------- rrdtool pipe
+
+
+class RrdTool:
+    """One long-lived ``rrdtool -`` process: a command per line, ``OK ...`` or ``ERROR: ...``."""
+
+    def __init__(self, exe: str, timeout: float = 60.0) -> None:
+        self.exe = exe
+        self.timeout = timeout
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._buf = b""
+        self._lock = threading.Lock()
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        # RRDCACHED_ADDRESS would send create/update through rrdcached; this is the direct path
+        env = {k: v for k, v in os.environ.items() if k != "RRDCACHED_ADDRESS"}
+        env["LC_ALL"] = "C"
+        self._buf = b""
+        return subprocess.Popen([self.exe, "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, bufsize=0, env=env)
+
+    def run(self, *args: str) -> None:
+        """Run one command; raise RrdError with rrdtool's message when it fails."""
+        for arg in args:
+            if not arg or any(c.isspace() for c in arg):
+                raise RrdError(f"rrdtool argument {arg!r} is empty or contains white space")
+        line = (" ".join(args) + "\n").encode("utf-8")
+        with self._lock:
+            if self._proc is None or self._proc.poll() is not None:
+                self._proc = self._start()
+            proc = self._proc
+            assert proc.stdin is not None
+            try:
+                proc.stdin.write(line)
+                answer = self._answer(proc)
+            except (OSError, RrdError) as exc:
+                self._kill()
+                raise RrdError(f"rrdtool pipe failed on {args[0]}: {exc}") from None
+        if answer.startswith("ERROR:"):
+            raise RrdError(answer[6:].strip())
+
+    def _answer(self, proc: subprocess.Popen[bytes]) -> str:
+        """Lines up to rrdtool's ``OK ...`` or ``ERROR: ...``: that line."""
+        assert proc.stdout is not None
+        fd = proc.stdout.fileno()
+        deadline = time.monotonic() + self.timeout
+        other: list[str] = []
+        while True:
+            while b"\n" not in self._buf:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([fd], [], [], left)[0]:
+                    raise RrdError(f"no answer within {self.timeout:.0f} s")
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise RrdError(f"rrdtool exited ({proc.wait(5)}): "
+                                   f"{' '.join(other)[-300:]}")
+                self._buf += chunk
+            raw, _, self._buf = self._buf.partition(b"\n")
+            text = raw.decode("utf-8", "replace")
+            if text.startswith(("OK ", "ERROR:")) or text == "OK":
+                return text
+            other.append(text)
+
+    def _kill(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._proc is not None and self._proc.poll() is None:
+                assert self._proc.stdin is not None
+                try:
+                    self._proc.stdin.write(b"quit\n")
+                    self._proc.stdin.close()
+                    self._proc.wait(5)
+                except (OSError, subprocess.TimeoutExpired):
+                    self._kill()
+            self._proc = None
+
+
+# --------------------------------------------------------------------------- rrdcached client
+
+
+class RrdCached:
+    """rrdcached's text protocol over its unix socket (one connection, reopened on demand).
+
+    Every answer starts with a status: a negative number is an error (its text follows), a
+    positive one counts the lines of text that follow.
+    """
+
+    def __init__(self, address: str, timeout: float) -> None:
+        self.path = socket_path(address)
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._file: Any = None
+
+    def _connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            raise
+        self._sock, self._file = sock, sock.makefile("rb")
+
+    def command(self, line: str) -> list[str]:
+        """Send one command; its answer's lines. OSError: the socket failed (closed then)."""
+        if self._sock is None:
+            self._connect()
+        assert self._sock is not None
+        try:
+            self._sock.sendall(line.encode("utf-8") + b"\n")
+            status = self._readline()
+            head, _, text = status.partition(" ")
+            try:
+                n = int(head)
+            except ValueError:
+                raise OSError(f"unexpected answer from rrdcached: {status!r}") from None
+            lines = [self._readline() for _ in range(max(n, 0))]
+        except OSError:
+            self.close()
+            raise
+        if n < 0:
+            raise RrdError(text)
+        return lines
+
+    def _readline(self) -> str:
+        raw = self._file.readline()
+        if not raw:
+            raise ConnectionError("rrdcached closed the connection")
+        return str(raw.decode("utf-8", "replace").rstrip("\n"))
+
+    def update(self, path: str, ts: float, value: float) -> None:
+        self.command(f"UPDATE {path} {rrd_number(ts)}:{rrd_number(value)}")
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = self._file = None
+
+
+# --------------------------------------------------------------------------- the daemon
+
+
+@dataclass
+class Series:
+    path: Path
+    unit: str
+
+
+def series_paths(rrd_dir: str | Path, location: str, quantity: str) -> tuple[Path, Path]:
+    base = Path(rrd_dir) / location
+    return base / f"{quantity}.rrd", base / f"{quantity}.json"
+
+
+def create_args(path: Path, start: int, heartbeat: int) -> list[str]:
+    args = ["create", str(path), "--start", str(start), "--step", str(STEP), "--no-overwrite",
+            f"DS:{DS_NAME}:GAUGE:{heartbeat}:U:U"]
+    for rows, steps in ARCHIVES:
+        args += [f"RRA:{cf}:0.5:{steps}:{rows}" for cf in CONSOLIDATIONS]
+    return args
+
+
+def write_sidecar(path: Path, info: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(info, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    os.chmod(tmp, 0o664)
+    os.replace(tmp, path)
+
+
+def read_sidecar(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+class StoreRrd(Daemon[Config]):
+    name = "store-rrd"
+    config_class = Config
+    description = ("Store every measurement of <root>/data/# in one RRD per series. "
+                   "pihub-store-rrd --graph --help: render PNG graphs.")
+    persistent_session = True
+
+    def __init__(self, config: Config, config_path: str | None = None) -> None:
+        super().__init__(config, config_path)
+        exe = shutil.which(config.rrdtool)
+        if exe is None:
+            raise ConfigError("rrdtool", f"program {config.rrdtool!r} not found (install the "
+                                         "Debian package rrdtool)")
+        self.rrd_dir = Path(config.rrd_dir)
+        self.rrdtool = RrdTool(exe)
+        self.cached = (RrdCached(config.rrdcached_socket, config.rrdcached_timeout)
+                       if config.rrdcached_socket else None)
+        self._cached_down_until = 0.0
+        self._series: dict[tuple[str, str], Series] = {}
+        self._failing: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    def setup(self) -> None:
+        try:
+            self.rrd_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            self.count("errors")
+            self.log.error("rrd_dir %s cannot be made: %s; every series will fail until it can",
+                           self.rrd_dir, exc)
+        mode = f"through rrdcached at {self.config.rrdcached_socket}" if self.cached else \
+            "directly (no rrdcached_socket)"
+        self.log.info("storing into %s, %s", self.rrd_dir, mode)
+        self.subscribe_data(self.store)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self.cached is not None:
+                self.cached.close()
+            self.rrdtool.close()
+
+    def heartbeat_extra(self) -> dict[str, Any]:
+        with self._lock:
+            n = len(self._series)
+        state = "off" if self.cached is None else (
+            "down" if self._cached_down_until > time.monotonic() else "up")
+        return {"series": n, "rrdcached": state}
+
+    # ------------------------------------------------------------------ per message
+
+    def store(self, m: Measurement, msg: Message) -> None:
+        key = (m.location, m.quantity)
+        with self._lock:
+            try:
+                series = self._series.get(key)
+                if series is None or series.unit != m.unit:
+                    series = self._open(m, msg.topic)
+                self._update(series, m.ts, m.value)
+            except RrdError as exc:
+                if exc.stale:
+                    self.count("stale")
+                    self.log.debug("stale: %s %s (ts %.3f): %s", msg.topic, m.value, m.ts, exc)
+                    return
+                self.count("write_errors")
+                # look at the file afresh next time (deleted? made writable again?)
+                self._series.pop(key, None)
+                if key not in self._failing:
+                    self._failing.add(key)
+                    self.log.error("cannot store %s/%s from %s: %s", m.location, m.quantity,
+                                   msg.topic, exc)
+                else:
+                    self.log.debug("still cannot store %s/%s: %s", m.location, m.quantity, exc)
+                return
+            self.count("stored")
+            if key in self._failing:
+                self._failing.discard(key)
+                self.log.info("%s/%s is stored again", m.location, m.quantity)
+
+    def _open(self, m: Measurement, topic: str) -> Series:
+        """The series of ``m``, its file created if missing, its sidecar up to date."""
+        path, sidecar = series_paths(self.rrd_dir, m.location, m.quantity)
+        if not path.exists():
+            self._create(path, int(m.ts) - 1)
+            self.count("created")
+            self.log.info("created %s for %s (%s)", path, topic, m.unit)
+        info = read_sidecar(sidecar)
+        if info.get("unit") != m.unit or info.get("topic") != topic:
+            if info.get("unit") and info.get("unit") != m.unit:
+                self.log.warning("%s: unit changed from %s to %s", topic, info["unit"], m.unit)
+            new = {"location": m.location, "quantity": m.quantity, "unit": m.unit,
+                   "topic": topic, "created": info.get("created", round(time.time(), 3))}
+            try:
+                write_sidecar(sidecar, new)
+            except OSError as exc:
+                raise RrdError(f"cannot write {sidecar}: {exc.strerror or exc}") from None
+        series = Series(path, m.unit)
+        self._series[(m.location, m.quantity)] = series
+        return series
+
+    def _create(self, path: Path, start: int) -> None:
+        try:
+            path.parent.mkdir(mode=0o2775, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RrdError(f"cannot make directory {path.parent}: {exc.strerror or exc}") \
+                from None
+        try:
+            self.rrdtool.run(*create_args(path, start, self.config.rrd_heartbeat))
+        except RrdError as exc:
+            if "File exists" not in str(exc):  # made meanwhile by someone else: fine
+                raise
+        # rrdtool 1.7 reports OK when its temporary file could not be written (full disk)
+        if not path.exists():
+            free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
+            raise RrdError(f"rrdtool create left no {path} ({free // 1024} kB free there)")
+        try:
+            os.chmod(path, 0o664)  # rrdcached writes it as another user of the RRD group
+        except OSError as exc:
+            self.log.warning("cannot make %s group-writable: %s", path, exc)
+
+    def _update(self, series: Series, ts: float, value: float) -> None:
+        if self.cached is not None and time.monotonic() >= self._cached_down_until:
+            try:
+                self.cached.update(str(series.path), ts, value)
+                return
+            except OSError as exc:
+                self.count("rrdcached_errors")
+                self._cached_down_until = time.monotonic() + self.config.rrdcached_retry
+                self.log.warning("rrdcached at %s failed (%s); writing directly for %.0f s",
+                                 self.config.rrdcached_socket, exc, self.config.rrdcached_retry)
+        self.rrdtool.run("update", str(series.path), f"{rrd_number(ts)}:{rrd_number(value)}")
+
+
+# --------------------------------------------------------------------------- graphs
+
+PERIODS = {"day": ("end-1d", "last 24 hours"), "week": ("end-1w", "last 7 days"),
+           "month": ("end-1mon", "last month"), "year": ("end-1y", "last year")}
+Period = Literal["day", "week", "month", "year"]
+
+
+def escape(text: str) -> str:
+    """Text for an rrdtool graph legend (colons escaped, percent signs doubled)."""
+    return text.replace("\\", "\\\\").replace(":", "\\:").replace("%", "%%")
+
+
+def graph_args(path: Path, out: Path, period: str, *, title: str, unit: str,
+               width: int, height: int, daemon: str | None) -> list[str]:
+    start, label = PERIODS[period]
+    u = escape(f" {unit}") if unit else ""
+    args = [
+        "graph", str(out), "--imgformat", "PNG", "--start", start, "--end", "now",
+        "--title", f"{title} - {label}", "--vertical-label", unit or "value",
+        "--width", str(width), "--height", str(height), "--units-exponent", "0",
+        "--alt-autoscale", "--slope-mode", "--font", "DEFAULT:9:", "--font", "TITLE:11:",
+        f"DEF:avg={path}:{DS_NAME}:AVERAGE", f"DEF:min={path}:{DS_NAME}:MIN",
+        f"DEF:max={path}:{DS_NAME}:MAX", "CDEF:band=max,min,-",
+        "LINE:min", "AREA:band#7fb3e080:min to max:STACK",
+        "LINE2:avg#1f5fa8:average\\l",
+        f"GPRINT:avg:LAST:last %.2lf{u}",
+        f"GPRINT:min:MIN:min %.2lf{u}",
+        f"GPRINT:avg:AVERAGE:mean %.2lf{u}",
+        f"GPRINT:max:MAX:max %.2lf{u}\\l",
+    ]
+    if daemon:
+        args[2:2] = ["--daemon", daemon]
+    return args
+
+
+def all_series(rrd_dir: Path) -> list[str]:
+    return sorted(f"{p.parent.name}/{p.stem}" for p in rrd_dir.glob("*/*.rrd"))
+
+
+def graph_main(argv: list[str]) -> int:
+    prog = "pihub-store-rrd --graph"
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Render PNG graphs of stored series with rrdtool graph: "
+        "<out>/<location>-<quantity>-<period>.png, average line and min-max band, in the "
+        "series' unit.")
+    parser.add_argument("--graph", action="store_true", required=True,
+                        help="render graphs instead of running the daemon")
+    parser.add_argument("series", nargs="*", metavar="LOCATION/QUANTITY",
+                        help="series to draw (default: every series in rrd_dir)")
+    parser.add_argument("--config", metavar="FILE", default="/etc/pihub/store-rrd.yml",
+                        help="the daemon's config, for rrd_dir and rrdcached_socket "
+                             "(default: %(default)s)")
+    parser.add_argument("--out", metavar="DIR", default=".", help="output directory")
+    parser.add_argument("--period", action="append", choices=list(PERIODS),
+                        help="period to draw; repeat for several (default: all four)")
+    parser.add_argument("--width", type=int, default=800, help="plot width, pixels")
+    parser.add_argument("--height", type=int, default=240, help="plot height, pixels")
+    args = parser.parse_args(argv)
+
+    try:
+        config = load_file(Config, args.config)
+    except ConfigError as exc:
+        print(f"{prog}: config error in {args.config}: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    exe = shutil.which(config.rrdtool)
+    if exe is None:
+        print(f"{prog}: rrdtool: program {config.rrdtool!r} not found", file=sys.stderr)
+        return EX_CONFIG
+    rrd_dir = Path(config.rrd_dir)
+    wanted = args.series or all_series(rrd_dir)
+    if not wanted:
+        print(f"{prog}: no series in {rrd_dir}", file=sys.stderr)
+        return 1
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    daemon = config.rrdcached_socket
+    if daemon and not daemon.startswith("unix:"):
+        daemon = "unix:" + daemon
+    failed = 0
+    for name in wanted:
+        location, _, quantity = name.partition("/")
+        if not (SEGMENT.match(location) and SEGMENT.match(quantity)):
+            print(f"{prog}: {name!r}: expected LOCATION/QUANTITY, lower-case [a-z0-9_-]+",
+                  file=sys.stderr)
+            failed += 1
+            continue
+        path, sidecar = series_paths(rrd_dir, location, quantity)
+        if not path.exists():
+            print(f"{prog}: {name}: no {path}", file=sys.stderr)
+            failed += 1
+            continue
+        unit = str(read_sidecar(sidecar).get("unit", ""))
+        for period in args.period or list(PERIODS):
+            out = out_dir / f"{location}-{quantity}-{period}.png"
+            cmd = [exe, *graph_args(path, out, period, title=f"{location} / {quantity}",
+                                    unit=unit, width=args.width, height=args.height,
+                                    daemon=daemon)]
+            done = subprocess.run(cmd, capture_output=True, text=True,
+                                  env={**os.environ, "LC_ALL": "C.UTF-8"})
+            if done.returncode != 0 and daemon:
+                # rrdcached unreachable: draw what is on disk already
+                print(f"{prog}: {name}: via rrdcached failed ({done.stderr.strip()}); "
+                      "drawing from the file", file=sys.stderr)
+                cmd = [exe, *graph_args(path, out, period, title=f"{location} / {quantity}",
+                                        unit=unit, width=args.width, height=args.height,
+                                        daemon=None)]
+                done = subprocess.run(cmd, capture_output=True, text=True,
+                                      env={**os.environ, "LC_ALL": "C.UTF-8"})
+            if done.returncode != 0:
+                print(f"{prog}: {name} ({period}): rrdtool graph failed: "
+                      f"{done.stderr.strip()}", file=sys.stderr)
+                failed += 1
+                continue
+            print(out)
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if "--graph" in args:
+        return graph_main(args)
+    return StoreRrd.main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
