@@ -24,6 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 REPO = Path(__file__).resolve().parent.parent
 SRC = REPO / "files" / "daemons" / "src"
+PROBE = REPO / "tests" / "fixtures" / "probe"  # pihub_probe: a test-only daemon
 
 
 def free_port() -> int:
@@ -65,7 +66,9 @@ class Broker:
             f"persistence_location {workdir}/\n"
             "autosave_interval 1\n"
             "max_queued_messages 100000\n"
-            f"{conf_extra}"
+            # as root, mosquitto would switch to its own user, which cannot enter pytest's tmp
+            + ("user root\n" if os.geteuid() == 0 else "")
+            + conf_extra
         )
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -203,7 +206,10 @@ def observe(broker: Broker) -> Iterator[Callable[..., Observer]]:
 
 
 class DaemonProcess:
-    """A daemon started as ``python -m pihub.<module> --config FILE``, its output in a file."""
+    """A daemon started as ``python -m pihub.<module> --config FILE``, its output in a file.
+
+    ``module`` is a pihub module (``sensor_system``) or a test module named ``pihub_*``.
+    """
 
     def __init__(self, module: str, config_file: Path, log_file: Path,
                  env: dict[str, str] | None = None) -> None:
@@ -212,10 +218,12 @@ class DaemonProcess:
         self.log_file = log_file
         inherited = {k: v for k, v in os.environ.items()
                      if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "JOURNAL_STREAM")}
-        full_env = {**inherited, "PYTHONPATH": str(SRC), "PYTHONUNBUFFERED": "1", **(env or {})}
+        full_env = {**inherited, "PYTHONPATH": f"{SRC}:{PROBE}", "PYTHONUNBUFFERED": "1",
+                    **(env or {})}
+        target = module if module.startswith("pihub_") else f"pihub.{module}"
         with open(log_file, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", f"pihub.{module}", "--config", str(config_file)],
+                [sys.executable, "-m", target, "--config", str(config_file)],
                 stdout=log, stderr=subprocess.STDOUT, env=full_env,
             )
 

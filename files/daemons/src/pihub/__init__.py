@@ -1,8 +1,4 @@
 """pihub: small, separate MQTT daemons that make a Raspberry Pi a home hub."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("pihub")
-except PackageNotFoundError:  # running from a source tree
-    __version__ = "0.0.0+src"
+# A literal (read by pyproject.toml too): importlib.metadata would cost every daemon ~1 MB.
+__version__ = "0.1.0"
