@@ -30,5 +30,12 @@ lint-python: ## ruff and mypy on the pihub package
 lint: lint-python ## Every linter
 
 .PHONY: bench
-bench: ## Idle memory and time-to-READY of every daemon (figures for README)
-	$(PYTHON) bench/daemon_footprint.py
+bench: bench-venv ## Idle memory and time-to-READY of every daemon, as deployed (figures in README)
+	$(PYTHON) bench/daemon_footprint.py --python $(BENCH_VENV)/bin/python
+
+# The daemons as the Pi runs them: a venv on Debian's python3 with pihub installed (not editable).
+BENCH_VENV ?= .cache/bench-venv
+.PHONY: bench-venv
+bench-venv:
+	test -x $(BENCH_VENV)/bin/python || /usr/bin/python3 -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q --upgrade './files/daemons[tsdb,web]'
