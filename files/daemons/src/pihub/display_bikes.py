@@ -358,13 +358,13 @@ class BikesDisplay(Daemon[Config]):
                 self.read(self.discovery)
                 urls, lang = discovery_feeds(self.discovery.doc, self.discovery.url,
                                              self.config.language)
-            except FeedError:
+            except FeedError as exc:
                 if not self.feeds:
                     raise
                 self.count("fetch_errors")
                 self.count("errors")
-                self.log.warning("keeping the feed list read %.0f s ago",
-                                 now - self.discovery.read_at, exc_info=True)
+                self.log.warning("%s; keeping the feed list read %.0f s ago", exc,
+                                 now - self.discovery.read_at)
             else:
                 if lang and lang.lower() != self.config.language.lower():
                     self.log.info("%s offers no %r feeds; using %r", self.discovery.url,
@@ -375,16 +375,16 @@ class BikesDisplay(Daemon[Config]):
                         if feed.url != url:
                             feed.url, feed.read_at = url, -1e18
         for name in ("station_information", "vehicle_types"):
-            feed = self.feeds.get(name)
-            if feed is None or now < feed.read_at + max(every, feed.ttl):
+            info = self.feeds.get(name)
+            if info is None or now < info.read_at + max(every, info.ttl):
                 continue
             try:
-                self.read(feed)
+                self.read(info)
             except FeedError as exc:
                 self.count("fetch_errors")
                 self.count("errors")
                 self.log.warning("%s; %s", exc, "keeping the copy read before"
-                                 if feed.doc is not None else "going on without it")
+                                 if info.doc is not None else "going on without it")
 
     def read(self, feed: Feed) -> Feed:
         key = {"station_status": "stations", "station_information": "stations",
