@@ -1,0 +1,585 @@
+"""pihub-store-tsdb: every measurement of ``<root>/data/#`` into the timeseries DB, nothing lost.
+
+Reads (QoS 1, persistent session, acknowledged only once stored)::
+
+    <root>/data/<location>/<quantity>   {"value": 21.5, "unit": "°C", "ts": 1700000000.123}
+
+Writes each one as a point through influxdb-client's InfluxDB v2 write API (DESIGN.md section 4),
+in line protocol with millisecond precision::
+
+    <quantity>,location=<location>,host=<host> value=<value> <ts in ms>
+
+VictoriaMetrics stores that as the series ``<quantity>_value{location=..., host=...}``.
+
+How nothing gets lost:
+
+* messages are batched (``batch_size`` points, or ``flush_idle`` seconds without a new message,
+  or ``flush_interval`` seconds after the first one) and acknowledged to the broker only after
+  their batch reached the DB or the spool; until then the broker keeps them (persistent session);
+* when the DB is down, slow (``timeout``) or answers 5xx/401/403/404/429, the batch goes to an
+  append-only spool on disk (``spool_dir``, bounded by ``spool_max_bytes``), and every later
+  batch goes behind it; the spool is replayed in order once the DB answers again
+  (probed every ``retry_interval`` seconds, backing off to ``retry_max``);
+* a 400/413/422 answer (bad data) is narrowed down by halving the batch to the point(s) the DB
+  refuses; those are logged with the point and counted (``db_rejected``), the rest is written;
+* a retained message delivered again on every (re)subscribe is not written twice: the last ``ts``
+  stored per topic is remembered (and kept in ``spool_dir`` across restarts).
+
+Publishes only its own ``<root>/store-tsdb/status`` and ``meta``; the heartbeat carries
+``spool_bytes``, ``pending`` and ``db_available`` besides the counters ``written``, ``spooled``,
+``replayed``, ``spool_full_dropped``, ``db_rejected``, ``db_unavailable``, ``duplicates``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .bus import Message, read_secret
+from .config import BaseConfig, ConfigError, setting
+from .daemon import Daemon
+from .topics import Measurement, Reject
+
+DEFAULT_STATE_DIR = "/var/lib/pihub-store-tsdb"
+COUNTERS = ("written", "spooled", "replayed", "spool_full_dropped", "db_rejected",
+            "db_unavailable", "duplicates")
+
+
+@dataclass(kw_only=True)
+class Config(BaseConfig):
+    url: str = setting(
+        help="Base URL of the DB's InfluxDB v2 API (VictoriaMetrics: http://127.0.0.1:8428).",
+        example="http://127.0.0.1:8428", pattern=r"^https?://\S+$",
+    )
+    org: str = setting("pihub", "InfluxDB organisation (VictoriaMetrics ignores it).")
+    bucket: str = setting("pihub", "InfluxDB bucket (VictoriaMetrics ignores it).")
+    token_file: str | None = setting(
+        None, "File holding the API token (first line), or null for none (VictoriaMetrics)."
+    )
+    host_tag: str | None = setting(
+        None, "Value of the points' host tag; null means this host's name."
+    )
+    batch_size: int = setting(
+        1000, "Points per write. The broker must let this many QoS 1 messages wait for their "
+        "acknowledgement (Mosquitto: max_inflight_messages, default 20, 0 = no limit), else "
+        "batches only go out after flush_idle.", min=1, max=100000,
+    )
+    flush_idle: float = setting(
+        0.1, "Write the batch when no message came for this many seconds.", min=0.001, max=60,
+    )
+    flush_interval: float = setting(
+        1.0, "Write the batch at the latest this many seconds after its first point.",
+        min=0.01, max=300,
+    )
+    timeout: float = setting(
+        10.0, "Seconds to wait for the DB's answer before the batch goes to the spool.",
+        min=0.1, max=300,
+    )
+    spool_dir: str | None = setting(
+        None, "Directory of the spool and of the last-ts state; null means $STATE_DIRECTORY "
+        f"(systemd's StateDirectory), else {DEFAULT_STATE_DIR}.",
+    )
+    spool_max_bytes: int = setting(
+        100_000_000, "Most bytes the spool may hold; points that do not fit are dropped, logged "
+        "and counted (spool_full_dropped).", min=4096,
+    )
+    retry_interval: float = setting(
+        5.0, "Seconds before the first replay attempt once the DB failed.", min=0.05, max=3600,
+    )
+    retry_max: float = setting(
+        60.0, "Longest wait between two replay attempts (the wait doubles each failure).",
+        min=0.05, max=3600,
+    )
+    replay_batch_size: int = setting(
+        5000, "Points per write when replaying the spool.", min=1, max=100000,
+    )
+    max_ts_ahead: float = setting(
+        86400.0, "Reject a measurement whose ts is more than this many seconds ahead of this "
+        "host's clock (a ts in milliseconds, say): the DB would drop it silently.", min=1,
+    )
+
+    def check(self) -> None:
+        if self.retry_max < self.retry_interval:
+            raise ConfigError("retry_max", "must be >= retry_interval")
+        if self.host_tag is not None and not self.host_tag.strip():
+            raise ConfigError("host_tag", "must not be empty; use null for this host's name")
+
+
+def _escape_tag(value: str) -> str:
+    """Escape a tag value for line protocol (commas, equal signs, spaces, backslashes)."""
+    return (value.replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=")
+            .replace(" ", "\\ "))
+
+
+class Spool:
+    """An append-only spool of line-protocol points in segment files, read back in order.
+
+    ``<dir>/spool/<seq>.lp`` hold one point per line; ``<dir>/spool/cursor`` says how far the
+    replay got (segment and byte offset). Used by the writer thread only.
+    """
+
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.dir = directory / "spool"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self.segment_bytes = max(4096, min(4 << 20, max_bytes // 8))
+        self.cursor_file = self.dir / "cursor"
+        self.segments: list[int] = sorted(int(p.stem) for p in self.dir.glob("*.lp"))
+        self.read_seq, self.read_offset = self._load_cursor()
+        self.repaired = self._repair_tail()
+        self.size = self._measure()
+
+    def _load_cursor(self) -> tuple[int, int]:
+        try:
+            seq, offset = self.cursor_file.read_text().split()
+            return int(seq), int(offset)
+        except FileNotFoundError:
+            return (self.segments[0] if self.segments else 0), 0
+        except ValueError as exc:
+            raise OSError(f"{self.cursor_file} is unreadable ({exc}); remove it to replay the "
+                          "whole spool") from exc
+
+    def _repair_tail(self) -> int:
+        """Cut a line torn by a crash at the end of the last segment; return the bytes cut."""
+        if not self.segments:
+            return 0
+        path = self._path(self.segments[-1])
+        data = path.read_bytes()
+        if not data or data.endswith(b"\n"):
+            return 0
+        keep = data.rfind(b"\n") + 1
+        with open(path, "r+b") as fh:
+            fh.truncate(keep)
+        return len(data) - keep
+
+    def _measure(self) -> int:
+        # drop segments the cursor has passed (a crash between cursor and unlink)
+        while self.segments and self.segments[0] < self.read_seq:
+            self._path(self.segments.pop(0)).unlink(missing_ok=True)
+        if self.segments and self.segments[0] != self.read_seq:
+            self.read_seq, self.read_offset = self.segments[0], 0
+        total = sum(self._path(s).stat().st_size for s in self.segments)
+        return max(0, total - self.read_offset) if self.segments else 0
+
+    def _path(self, seq: int) -> Path:
+        return self.dir / f"{seq:012d}.lp"
+
+    @property
+    def empty(self) -> bool:
+        return self.size == 0
+
+    def append(self, lines: list[bytes]) -> bool:
+        """Append ``lines`` durably (fsync); False (nothing written) when they do not fit."""
+        data = b"\n".join(lines) + b"\n"
+        if self.size + len(data) > self.max_bytes:
+            return False
+        if not self.segments or self._path(self.segments[-1]).stat().st_size \
+                >= self.segment_bytes:
+            seq = self.segments[-1] + 1 if self.segments else 1
+            if not self.segments:
+                self.read_seq, self.read_offset = seq, 0
+            self.segments.append(seq)
+        fd = os.open(self._path(self.segments[-1]), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                     0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.size += len(data)
+        return True
+
+    def read(self, max_lines: int) -> list[bytes]:
+        """The oldest points not replayed yet (at most ``max_lines``, from one segment)."""
+        while self.segments:
+            path = self._path(self.read_seq)
+            with open(path, "rb") as fh:
+                fh.seek(self.read_offset)
+                lines = []
+                for raw in fh:
+                    if not raw.endswith(b"\n"):
+                        break  # cannot happen after _repair_tail; never read half a line
+                    lines.append(raw[:-1])
+                    if len(lines) >= max_lines:
+                        break
+            if lines:
+                return lines
+            if self.read_seq == self.segments[-1]:
+                return []
+            self._next_segment()
+        return []
+
+    def commit(self, lines: list[bytes]) -> None:
+        """Mark ``lines`` (a prefix of the last :meth:`read`) as stored."""
+        n = sum(len(line) + 1 for line in lines)
+        self.read_offset += n
+        self.size -= n
+        if self.size <= 0:
+            for seq in self.segments:
+                self._path(seq).unlink(missing_ok=True)
+            self.cursor_file.unlink(missing_ok=True)
+            self.segments, self.size = [], 0
+            self.read_seq, self.read_offset = 0, 0
+            return
+        if self.read_offset >= self._path(self.read_seq).stat().st_size \
+                and self.read_seq != self.segments[-1]:
+            self._next_segment()
+        else:
+            self._save_cursor()
+
+    def _next_segment(self) -> None:
+        done = self.segments.pop(0)
+        self.read_seq, self.read_offset = self.segments[0], 0
+        self._save_cursor()
+        self._path(done).unlink(missing_ok=True)
+
+    def _save_cursor(self) -> None:
+        tmp = self.cursor_file.with_suffix(".tmp")
+        tmp.write_text(f"{self.read_seq} {self.read_offset}\n")
+        tmp.replace(self.cursor_file)
+
+
+# An entry waiting in the batch: line protocol, ack, topic, ts
+Entry = tuple[str, Callable[[], None], str, float]
+
+
+class StoreTsdb(Daemon[Config]):
+    name = "store-tsdb"
+    config_class = Config
+    description = "Store every measurement of <root>/data/# in the timeseries DB, nothing lost."
+    persistent_session = True
+    manual_ack = True
+
+    def __init__(self, config: Config, config_path: str | None = None) -> None:
+        super().__init__(config, config_path)
+        cfg = self.config
+        self.token = read_secret(cfg.token_file, "token_file") if cfg.token_file else None
+        state = cfg.spool_dir or (os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+                                  or DEFAULT_STATE_DIR)
+        self.state_dir = Path(state)
+        try:
+            self.spool = Spool(self.state_dir, cfg.spool_max_bytes)
+        except OSError as exc:
+            raise ConfigError("spool_dir", f"cannot use {self.state_dir}: {exc}") from exc
+        self.state_file = self.state_dir / "last_ts.json"
+        self.stored_ts = self._load_state()
+        self.seen_ts = dict(self.stored_ts)  # the handler's view, includes points in flight
+        self.host_tag = _escape_tag(cfg.host_tag or self.host)
+        self._prefixes: dict[str, str] = {}
+        self._cond = threading.Condition()
+        self._pending: list[Entry] = []
+        self._first_at = self._last_at = 0.0
+        self._closing = False
+        self._state_lock = threading.Lock()
+        self._state_dirty = False
+        self._db_available = True
+        self._backoff = cfg.retry_interval
+        self._retry_at = 0.0
+        self._full_logged = False
+        self._writer: threading.Thread | None = None
+        self.client: Any = None
+        self.write_api: Any = None
+
+    # ------------------------------------------------------------------ setup and state
+
+    def setup(self) -> None:
+        # numpy is optional for influxdb-client (DataFrames) and costs ~15 MB: we never use it
+        sys.modules.setdefault("numpy", None)  # type: ignore[arg-type]
+        from influxdb_client import InfluxDBClient
+        from influxdb_client.client.write_api import SYNCHRONOUS
+
+        for counter in COUNTERS:
+            self.count(counter, 0)  # every counter in every heartbeat, from the start
+        cfg = self.config
+        self.client = InfluxDBClient(url=cfg.url, token=self.token or "", org=cfg.org,
+                                     timeout=int(cfg.timeout * 1000), retries=False,
+                                     enable_gzip=False)
+        self.write_api = self.client.write_api(write_options=SYNCHRONOUS)
+        if self.spool.repaired:
+            self.count("errors")
+            self.log.warning("spool: cut %d bytes of a point torn by a crash at the end of %s",
+                             self.spool.repaired, self.spool.dir)
+        if not self.spool.empty:
+            self.log.info("spool holds %d bytes from before; replaying them before new points",
+                          self.spool.size)
+        self._writer = threading.Thread(target=self._write_loop, name="writer", daemon=True)
+        self._writer.start()
+        self.subscribe_data(self._on_data)
+        self.every(5.0, self._save_state, first_in=5.0, name="save-state")
+
+    def shutdown(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._writer is not None:
+            self._writer.join(self.config.timeout * 2 + 5)
+            if self._writer.is_alive():
+                self.log.error("writer still busy at stop; unacknowledged points stay with "
+                               "the broker")
+        self._save_state()
+        if self.client is not None:
+            self.client.close()
+
+    def heartbeat_extra(self) -> dict[str, Any]:
+        with self._cond:
+            pending = len(self._pending)
+        return {"spool_bytes": self.spool.size, "pending": pending,
+                "db_available": self._db_available}
+
+    def _load_state(self) -> dict[str, float]:
+        try:
+            data = json.loads(self.state_file.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            self.count("errors")
+            self.log.warning("%s unreadable (%s); retained messages may be stored twice once",
+                             self.state_file, exc)
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {k: float(v) for k, v in data.items() if isinstance(v, int | float)}
+
+    def _save_state(self) -> None:
+        with self._state_lock:
+            if not self._state_dirty:
+                return
+            snapshot = dict(self.stored_ts)
+            self._state_dirty = False
+        tmp = self.state_file.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(snapshot, separators=(",", ":")))
+            tmp.replace(self.state_file)
+        except OSError as exc:
+            self.count("errors")
+            self.log.error("cannot save %s: %s", self.state_file, exc)
+            with self._state_lock:
+                self._state_dirty = True
+
+    # ------------------------------------------------------------------ the MQTT side
+
+    def _on_data(self, m: Measurement, msg: Message) -> None:
+        """Put a checked measurement in the batch (paho's network thread)."""
+        topic, ts = msg.topic, m.ts
+        now = time.time()
+        if ts > now + self.config.max_ts_ahead:
+            raise Reject(f"payload on {topic}: 'ts' {ts!r} is more than "
+                         f"{self.config.max_ts_ahead:g} s ahead of this host's clock "
+                         "(expected UNIX seconds)")
+        last = self.seen_ts.get(topic)
+        if last is not None and (ts == last or (msg.retain and ts < last)):
+            self.count("duplicates")
+            self.log.debug("skipped %s ts %r: stored before (retained=%s)", topic, ts,
+                           msg.retain)
+            msg.ack()
+            return
+        self.seen_ts[topic] = ts
+        prefix = self._prefixes.get(topic)
+        if prefix is None:
+            prefix = f"{m.quantity},location={m.location},host={self.host_tag} value="
+            self._prefixes[topic] = prefix
+        line = f"{prefix}{m.value!r} {round(ts * 1000)}"
+        ack = msg.ack
+        cfg = self.config
+        with self._cond:
+            # bounded memory: wait while the writer is behind by two batches
+            while len(self._pending) >= 2 * cfg.batch_size and not self._closing:
+                self._cond.wait(1.0)
+            mono = time.monotonic()
+            if not self._pending:
+                self._first_at = mono
+                self._cond.notify()
+            self._last_at = mono
+            self._pending.append((line, ack, topic, ts))
+            if len(self._pending) == cfg.batch_size:
+                self._cond.notify()
+
+    # ------------------------------------------------------------------ the writer thread
+
+    def _write_loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            try:
+                if batch:
+                    self._store(batch)
+                if not batch or not self.spool.empty:
+                    self._replay_some()
+            except Exception:
+                self.count("errors")
+                self.log.exception("writer failed; points stay unacknowledged with the broker")
+                time.sleep(1.0)
+
+    def _next_batch(self) -> list[Entry] | None:
+        """Wait until a batch is due (or a replay); None when closing and nothing is left."""
+        cfg = self.config
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                n = len(self._pending)
+                if self._closing:
+                    if not n:
+                        return None
+                    break
+                if n >= cfg.batch_size:
+                    break
+                deadlines = []
+                if n:
+                    due = min(self._first_at + cfg.flush_interval,
+                              self._last_at + cfg.flush_idle)
+                    if due <= now:
+                        break
+                    deadlines.append(due)
+                if not self.spool.empty:
+                    if self._retry_at <= now:
+                        return []  # time to replay
+                    deadlines.append(self._retry_at)
+                self._cond.wait(max(0.001, min(deadlines) - now) if deadlines else None)
+            batch, self._pending = self._pending, []
+            self._cond.notify_all()
+            return batch
+
+    def _store(self, batch: list[Entry]) -> None:
+        """Write ``batch`` to the DB (or the spool), then acknowledge it."""
+        lines = [e[0] for e in batch]
+        if self.spool.empty:
+            rest = self._write(lines)
+            self.count("written", len(lines) - len(rest))
+            if rest:
+                self._db_failed()
+        else:
+            rest = lines  # older points wait in the spool: keep the order
+        if rest:
+            self._to_spool(rest)
+        for entry in batch:
+            entry[1]()
+        with self._state_lock:
+            for _line, _ack, topic, ts in batch:
+                self.stored_ts[topic] = ts
+            self._state_dirty = True
+
+    def _to_spool(self, lines: list[str]) -> None:
+        encoded = [line.encode() for line in lines]
+        while True:
+            try:
+                ok = self.spool.append(encoded)
+            except OSError as exc:
+                # nothing acked yet: keep trying, the broker holds back the rest meanwhile
+                self.count("errors")
+                self.log.error("cannot write the spool in %s: %s; retrying in %.0f s",
+                               self.spool.dir, exc, self.config.retry_interval)
+                if self.stopping.wait(self.config.retry_interval):
+                    self.log.error("stopping with %d points neither stored nor spooled; they "
+                                   "stay unacknowledged with the broker", len(lines))
+                    raise
+                continue
+            break
+        if ok:
+            self.count("spooled", len(lines))
+            self._full_logged = False
+            return
+        self.count("spool_full_dropped", len(lines))
+        if not self._full_logged:
+            self._full_logged = True
+            self.log.error("spool full (%d of spool_max_bytes=%d bytes used): dropping %d "
+                           "point(s), the first %s; points are dropped until the DB is back",
+                           self.spool.size, self.spool.max_bytes, len(lines), lines[0])
+        else:
+            self.log.debug("spool full: dropped %d more point(s)", len(lines))
+
+    def _replay_some(self) -> None:
+        """Write the oldest spooled points; on failure wait (backoff) before the next try."""
+        if self.spool.empty or self._retry_at > time.monotonic():
+            return
+        lines = self.spool.read(self.config.replay_batch_size)
+        if not lines:
+            return
+        texts = [line.decode() for line in lines]
+        rest = self._write(texts)
+        done = len(lines) - len(rest)
+        if done:
+            self.spool.commit(lines[:done])
+            self.count("replayed", done)
+        if rest:
+            self._db_failed()
+            return
+        if not self._db_available:
+            self._db_available = True
+            self._backoff = self.config.retry_interval
+            self.log.info("DB at %s answers again; replaying the spool (%d bytes left)",
+                          self.config.url, self.spool.size)
+        if self.spool.empty:
+            self.log.info("spool replayed; writing directly again")
+
+    def _db_failed(self) -> None:
+        self._retry_at = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, self.config.retry_max)
+
+    def _write(self, lines: list[str]) -> list[str]:
+        """Write ``lines``; return the suffix not stored because the DB is unavailable.
+
+        Points the DB refuses as bad data are logged, counted and dropped (halving the batch
+        to find them), so they never block the others.
+        """
+        from influxdb_client.rest import ApiException
+        from urllib3.exceptions import HTTPError
+
+        try:
+            self.write_api.write(self.config.bucket, self.config.org,
+                                 "\n".join(lines).encode(), write_precision="ms")
+        except ApiException as exc:
+            status = exc.status or 0
+            if status in (400, 413, 422):
+                if len(lines) == 1:
+                    self.count("db_rejected")
+                    self.log.error("DB at %s refused a point (HTTP %d: %s): %s",
+                                   self.config.url, status, _reason(exc), lines[0])
+                    return []
+                half = len(lines) // 2
+                rest = self._write(lines[:half])
+                return rest + lines[half:] if rest else self._write(lines[half:])
+            self._unavailable(f"HTTP {status}: {_reason(exc)}")
+            return lines
+        except (HTTPError, OSError) as exc:
+            self._unavailable(str(exc))
+            return lines
+        return []
+
+    def _unavailable(self, why: str) -> None:
+        self.count("db_unavailable")
+        if self._db_available:
+            self._db_available = False
+            self.log.error("DB at %s unavailable (%s): spooling to %s until it is back",
+                           self.config.url, why, self.spool.dir)
+        else:
+            self.log.debug("DB at %s still unavailable: %s", self.config.url, why)
+
+
+def _reason(exc: Any) -> str:
+    body = exc.body
+    if isinstance(body, bytes):
+        body = body.decode("utf-8", "replace")
+    text = (body or exc.reason or "").strip()
+    try:
+        message = json.loads(text).get("message")
+        if message:
+            text = str(message)
+    except (ValueError, AttributeError):
+        pass
+    return text[:300]
+
+
+main = StoreTsdb.main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""A real VictoriaMetrics per test, and an InfluxDB-like front that can refuse points.
+
+Used by tests/test_store_tsdb.py and bench/store_throughput/tsdb.py.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from conftest import free_port, wait_until
+
+
+class VictoriaMetrics:
+    """Debian's victoria-metrics on a free loopback port; stop/start keep port and data."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.exe = shutil.which("victoria-metrics") or "/usr/bin/victoria-metrics"
+        self.port = free_port()
+        self.workdir = workdir
+        self.data = workdir / "data"
+        self.log = workdir / "victoria-metrics.log"
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [self.exe, f"-httpListenAddr=127.0.0.1:{self.port}",
+                 f"-storageDataPath={self.data}", "-retentionPeriod=100y",
+                 "-search.latencyOffset=0", "-search.disableCache", "-loggerLevel=WARN"],
+                stdout=log, stderr=subprocess.STDOUT)
+        wait_until(self._healthy, 20, f"victoria-metrics on port {self.port}", interval=0.05)
+
+    def _healthy(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"victoria-metrics exited: {self.log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=1) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(30)
+        self.proc = None
+
+    def export(self, metric: str) -> dict[tuple[str, str], list[tuple[int, float]]]:
+        """Every stored sample of ``metric``: {(location, host): [(ts_ms, value), ...]}."""
+        urllib.request.urlopen(f"{self.url}/internal/force_flush", timeout=10).close()
+        query = urllib.parse.urlencode({"match[]": f'{{__name__="{metric}"}}'})
+        with urllib.request.urlopen(f"{self.url}/api/v1/export?{query}", timeout=30) as resp:
+            text = resp.read().decode()
+        out: dict[tuple[str, str], list[tuple[int, float]]] = {}
+        for line in text.splitlines():
+            row = json.loads(line)
+            key = (row["metric"].get("location", ""), row["metric"].get("host", ""))
+            out.setdefault(key, []).extend(zip(row["timestamps"], row["values"], strict=True))
+        for samples in out.values():
+            samples.sort()
+        return out
+
+    def count(self, metric_regex: str) -> int:
+        """How many samples the series matching ``metric_regex`` hold (one export call)."""
+        urllib.request.urlopen(f"{self.url}/internal/force_flush", timeout=10).close()
+        query = urllib.parse.urlencode({"match[]": f'{{__name__=~"{metric_regex}"}}'})
+        n = 0
+        with urllib.request.urlopen(f"{self.url}/api/v1/export?{query}", timeout=60) as resp:
+            for line in resp:
+                n += len(json.loads(line)["timestamps"])
+        return n
+
+
+class InfluxFront:
+    """An HTTP server in front of a DB that answers like InfluxDB 2 when a write is refused.
+
+    ``refuse`` is a measurement name: a write holding a point of it gets InfluxDB's 422
+    (field type conflict) and nothing of that write is stored; every other write is passed on.
+    ``status`` (e.g. 503) makes every write fail with that status; ``delay`` holds each answer.
+    """
+
+    def __init__(self, backend_url: str, refuse: str | None = None) -> None:
+        self.backend_url = backend_url
+        self.refuse = refuse
+        self.status: int | None = None
+        self.delay = 0.0
+        self.requests: list[tuple[int, int]] = []  # (points in the write, status answered)
+        self.lock = threading.Lock()
+        front = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                status, answer = front.handle(self.path, body, dict(self.headers))
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def handle(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+        if self.delay:
+            time.sleep(self.delay)
+        lines = [line for line in body.split(b"\n") if line]
+        status = self.status
+        answer = b""
+        if status is not None:
+            answer = json.dumps({"code": "unavailable", "message": "service unavailable"}
+                                ).encode()
+        elif self.refuse and any(line.split(b",", 1)[0] == self.refuse.encode()
+                                 for line in lines):
+            status = 422
+            answer = json.dumps({
+                "code": "unprocessable entity",
+                "message": "failure writing points to database: partial write: field type "
+                           f'conflict: input field "value" on measurement "{self.refuse}" is '
+                           "type float, already exists as type integer dropped=1",
+            }).encode()
+        else:
+            request = urllib.request.Request(self.backend_url + path, data=body, method="POST",
+                                             headers={"Content-Type": "text/plain"})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as resp:
+                    status, answer = resp.status, resp.read()
+            except urllib.error.HTTPError as exc:
+                status, answer = exc.code, exc.read()
+        with self.lock:
+            self.requests.append((len(lines), status))
+        return status, answer
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
