@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from conftest import DaemonProcess, Observer, free_port, run_cli, wait_until
 from notify_pushover_helpers import RECEIVER, FakePushover, pushover_key
 from pihub.notify_pushover import MAX_MESSAGE, parse_request, wait_from_headers
@@ -458,3 +460,21 @@ def test_stand_in_receiver_records_the_pushover_request(start_daemon, notifier_c
         proc.terminate()
         proc.wait(10)
         log.close()
+
+
+def test_sighup_rereads_the_secret_files(start_notifier, observe, topic_root, pushover,
+                                         tmp_path):
+    obs = observe()
+    wrong = tmp_path / "old-token"
+    wrong.write_text(pushover_key() + "\n")
+    d = start_notifier(token_file=str(wrong))
+    obs.publish(f"{topic_root}/notify/monitor", request("with the old token"))
+    d.wait_log("application token is invalid", timeout=20)
+    config = yaml.safe_load(d.config_file.read_text())
+    config.update(write_secrets(tmp_path, pushover.token, pushover.user))
+    d.config_file.write_text(yaml.safe_dump(config))
+    d.signal(signal.SIGHUP)
+    d.wait_log("SIGHUP: applied token_file", timeout=20)
+    obs.publish(f"{topic_root}/notify/monitor", request("with the new token"))
+    wait_until(pushover.accepted, 20, "the request with the new token accepted")
+    assert messages_sent(pushover) == ["with the new token"]
