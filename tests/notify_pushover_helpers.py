@@ -12,6 +12,7 @@ import collections
 import importlib.util
 import json
 import secrets
+import socket
 import string
 import threading
 import time
@@ -63,17 +64,36 @@ class FakePushover:
         self._script: collections.deque[tuple[int, dict[str, Any], dict[str, str]]] = (
             collections.deque())
         self.posts: list[Post] = []
+        self._placeholder: socket.socket | None = None
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.server.port}"
 
     def start(self) -> None:
+        if self._placeholder is not None:
+            self._placeholder.close()
+            self._placeholder = None
         self.server.start()
 
     def stop(self) -> None:
+        """Go down: connections are refused, and the port stays ours until :meth:`start`.
+
+        The port is held by a bound socket that does not listen, so that no other server of
+        a test running beside this one is given it meanwhile.
+        """
         if self.server.is_running():
             self.server.stop()
+            holder = socket.socket()
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            holder.bind(("127.0.0.1", self.server.port))
+            self._placeholder = holder
+
+    def close(self) -> None:
+        self.stop()
+        if self._placeholder is not None:
+            self._placeholder.close()
+            self._placeholder = None
 
     def answer_next(self, status: int, body: dict[str, Any],
                     headers: dict[str, str] | None = None) -> None:

@@ -26,7 +26,7 @@ def pushover() -> Iterator[FakePushover]:
     fake = FakePushover()
     fake.start()
     yield fake
-    fake.stop()
+    fake.close()
 
 
 def write_secrets(tmp_path: Path, token: str, user: str) -> dict[str, str]:
