@@ -184,6 +184,9 @@ def test_first_sight_creates_rrd_with_design_archives(store, observe, topic_root
     sidecar = (rrd_dir / "kitchen" / "temperature.json").read_text(encoding="utf-8")
     assert '"unit": "°C"' in sidecar
     assert f'"topic": "{topic_root}/data/kitchen/temperature"' in sidecar
+    # rrdcached runs as another user of the RRD group: files group-writable, group inherited
+    assert path.stat().st_mode & 0o7777 == 0o664
+    assert path.parent.stat().st_mode & 0o7777 == 0o2775
     beat = counters(obs, topic_root, lambda c: c.get("created") == 1, "created counted")
     assert beat["series"] == 1
     assert d.stop() == 0

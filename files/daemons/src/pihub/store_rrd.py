@@ -390,7 +390,10 @@ class StoreRrd(Daemon[Config]):
 
     def _create(self, path: Path, start: int) -> None:
         try:
-            path.parent.mkdir(mode=0o2775, parents=True, exist_ok=True)
+            if not path.parent.is_dir():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                # readable by graphs, group (rrdcached) kept by setgid, whatever the umask
+                os.chmod(path.parent, 0o2775)
         except OSError as exc:
             raise RrdError(f"cannot make directory {path.parent}: {exc.strerror or exc}") \
                 from None
