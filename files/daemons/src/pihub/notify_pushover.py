@@ -386,6 +386,10 @@ class PushoverNotifier(Daemon[Config]):
         if pending:
             self.log.info("%d request(s) left from the last run in %s; sending them first",
                           len(pending), self.queue_dir)
+        if self.config.timeout > self.config.heartbeat_interval:
+            self.log.warning("timeout (%g s) is longer than heartbeat_interval (%g s): a hung "
+                             "Pushover request delays heartbeats and the systemd watchdog",
+                             self.config.timeout, self.config.heartbeat_interval)
         self._session = requests.Session()
         self._session.headers["User-Agent"] = f"pihub-notify-pushover/{__version__}"
         self.subscribe(self.topics.sub("notify", "#"), self.on_request, qos=1)
