@@ -69,14 +69,16 @@ class StationConfig:
 @dataclass(kw_only=True)
 class Config(BaseConfig):
     discovery_url: str = setting(
-        help="URL of the system's GBFS discovery file (gbfs.json).",
-        example="https://velib-metropole-opendata.smovengo.cloud/opendata/Velib_Metropole/gbfs.json",
+        help="URL of the system's GBFS discovery file (gbfs.json), e.g. Velib's "
+        "https://velib-metropole-opendata.smovengo.cloud/opendata/Velib_Metropole/gbfs.json "
+        "(the example is the stand-in's local fixture).",
+        example="http://127.0.0.1:8081/v2/gbfs.json",
         pattern=r"^https?://\S+$",
     )
     stations: list[StationConfig] = setting(
         help="The stations to show, each with a topic item and an id or a name.",
         example=[
-            {"item": "bastille", "id": "213688169", "display_name": "Bastille"},
+            {"item": "godard", "id": "213688169", "display_name": "Godard"},
             {"item": "gare-de-lyon", "name": "Gare de Lyon - Diderot"},
         ],
     )

@@ -106,10 +106,9 @@ class Config(BaseConfig):
         help="The stops to show: topic item, display name, page URL and CSS selectors.",
         example=[{
             "item": "alexanderplatz", "name": "S+U Alexanderplatz",
-            "url": "https://departures.example.org/stop/900100003",
+            "url": "http://127.0.0.1:8082/countdown.html",
             "selectors": {"row": "table.departures tbody tr", "line": "td.line",
                           "destination": "td.destination", "time": "td.time",
-                          "scheduled": "td.scheduled", "realtime": "td.realtime",
                           "platform": "td.platform", "empty": "p.no-departures"},
         }],
     )
