@@ -39,15 +39,17 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from math import isfinite
 from pathlib import Path
 from typing import Any
 
 from .bus import Message, read_secret
 from .config import BaseConfig, ConfigError, setting
 from .daemon import Daemon
-from .topics import Measurement, Reject
+from .topics import Reject
 
 DEFAULT_STATE_DIR = "/var/lib/pihub-store-tsdb"
+MAX_SERIES_CACHED = 10000
 COUNTERS = ("written", "spooled", "replayed", "spool_full_dropped", "db_rejected",
             "db_unavailable", "duplicates")
 
@@ -313,7 +315,7 @@ class StoreTsdb(Daemon[Config]):
                           self.spool.size)
         self._writer = threading.Thread(target=self._write_loop, name="writer", daemon=True)
         self._writer.start()
-        self.subscribe_data(self._on_data)
+        self.subscribe(self.topics.sub("data", "#"), self._on_message)
         self.every(5.0, self._save_state, first_in=5.0, name="save-state")
 
     def shutdown(self) -> None:
@@ -367,11 +369,40 @@ class StoreTsdb(Daemon[Config]):
 
     # ------------------------------------------------------------------ the MQTT side
 
-    def _on_data(self, m: Measurement, msg: Message) -> None:
-        """Put a checked measurement in the batch (paho's network thread)."""
-        topic, ts = msg.topic, m.ts
-        now = time.time()
-        if ts > now + self.config.max_ts_ahead:
+    def _on_message(self, msg: Message) -> None:
+        """Check a data message and put it in the batch (paho's network thread).
+
+        The hot path: the same checks and messages as ``topics.parse_measurement``, with the
+        topic's parse (and its line-protocol prefix) cached per topic.
+        """
+        topic = msg.topic
+        prefix = self._prefixes.get(topic)
+        if prefix is None:
+            location, quantity = self.topics.split(topic, "data", 2)
+            prefix = f"{quantity},location={location},host={self.host_tag} value="
+            if len(self._prefixes) >= MAX_SERIES_CACHED:
+                self._prefixes.clear()
+            self._prefixes[topic] = prefix
+        try:
+            data = json.loads(msg.payload)
+        except ValueError as exc:  # includes UnicodeDecodeError
+            raise Reject(f"payload on {topic} is not JSON ({exc}): {msg.payload[:80]!r}") \
+                from None
+        if type(data) is not dict:
+            raise Reject(f"payload on {topic} must be a JSON object, got {type(data).__name__}")
+        value = data.get("value")
+        if type(value) is not float and type(value) is not int:  # JSON: no subclasses but bool
+            raise Reject(f"payload on {topic}: 'value' must be a number, got {value!r}")
+        if not isfinite(value):
+            raise Reject(f"payload on {topic}: 'value' must be finite, got {value!r}")
+        unit = data.get("unit")
+        if type(unit) is not str or not unit:
+            raise Reject(f"payload on {topic}: 'unit' must be a non-empty string, got {unit!r}")
+        ts = data.get("ts")
+        if (type(ts) is not float and type(ts) is not int) or not isfinite(ts) or ts <= 0:
+            raise Reject(f"payload on {topic}: 'ts' must be UNIX seconds (a number > 0), "
+                         f"got {ts!r}")
+        if ts > time.time() + self.config.max_ts_ahead:
             raise Reject(f"payload on {topic}: 'ts' {ts!r} is more than "
                          f"{self.config.max_ts_ahead:g} s ahead of this host's clock "
                          "(expected UNIX seconds)")
@@ -383,11 +414,7 @@ class StoreTsdb(Daemon[Config]):
             msg.ack()
             return
         self.seen_ts[topic] = ts
-        prefix = self._prefixes.get(topic)
-        if prefix is None:
-            prefix = f"{m.quantity},location={m.location},host={self.host_tag} value="
-            self._prefixes[topic] = prefix
-        line = f"{prefix}{m.value!r} {round(ts * 1000)}"
+        line = f"{prefix}{float(value)!r} {round(ts * 1000)}"
         ack = msg.ack
         cfg = self.config
         with self._cond:

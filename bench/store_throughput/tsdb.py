@@ -1,0 +1,308 @@
+"""Throughput, CPU and memory of pihub-store-tsdb into a real VictoriaMetrics.
+
+Starts its own Mosquitto and VictoriaMetrics on free loopback ports and the daemon as a real
+process, then:
+
+* default mode: publishes N measurements (QoS 1, retained, over 100 series) as fast as one
+  publisher can and reports measurements/s from the first publish until all N are queryable in
+  VictoriaMetrics, plus the daemon's CPU seconds and peak RSS (VmHWM);
+* ``--outage S``: publishes at ``--rate`` per second for ``--duration`` seconds, stops
+  VictoriaMetrics for S seconds in the middle, and reports how many points were lost.
+
+    python3 bench/store_throughput/tsdb.py                 # 100000 as fast as possible
+    python3 bench/store_throughput/tsdb.py --outage 60     # 1000/s, 60 s without the DB
+
+Targets (issue 5): >= 20,000 measurements/s, peak RSS < 60 MB; zero loss across a 60 s DB
+outage at 1,000 measurements/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import yaml
+from paho.mqtt.enums import CallbackAPIVersion
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests"))
+from conftest import free_port, wait_until  # noqa: E402
+from store_tsdb_helpers import VictoriaMetrics  # noqa: E402
+
+SERIES = 100
+MAX_N = 1_000_000
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def start_mosquitto(workdir: Path, inflight: int) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
+                    f"max_inflight_messages {inflight}\nmax_queued_messages 0\n")
+    proc = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c",
+                             str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def accepts() -> bool:
+        import socket
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    wait_until(accepts, 10, "mosquitto")
+    return proc, port
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+def status_kb(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def remaining_length(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+class Publisher:
+    """One MQTT 3.1.1 publisher on a raw socket: QoS 1, retained, as fast as the socket takes.
+
+    Packets are encoded up front, so the measured rate is the daemon's, not a Python MQTT
+    client's; a reader thread counts the broker's PUBACKs. Heartbeats of the daemon come in
+    through a separate paho client.
+    """
+
+    def __init__(self, port: int, root: str) -> None:
+        self.root = root
+        self.meta: dict[str, Any] = {}
+        self.topics = [f"{root}/data/loc{k // 10}/q{k % 10}".encode() for k in range(SERIES)]
+        self.acked = 0
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        client_id = b"bench-publisher"
+        var = b"\x00\x04MQTT\x04\x02\x00\x3c"  # MQTT 3.1.1, clean session, keepalive 60 s
+        body = var + struct.pack("!H", len(client_id)) + client_id
+        self.sock.sendall(b"\x10" + remaining_length(len(body)) + body)
+        connack = self.sock.recv(4)
+        assert connack[:2] == b"\x20\x02" and connack[3] == 0, f"CONNACK {connack!r}"
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        self.last_ping = time.monotonic()
+        self.watcher = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                                   client_id="bench-watcher")
+        self.watcher.on_message = self._on_meta
+        self.watcher.on_connect = lambda c, *a: c.subscribe(f"{root}/store-tsdb/meta", 1)
+        self.watcher.connect("127.0.0.1", port)
+        self.watcher.loop_start()
+
+    def _on_meta(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self.meta = json.loads(msg.payload)
+
+    def _read(self) -> None:
+        buf = b""
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            buf += data
+            while len(buf) >= 2:  # PUBACK and PINGRESP: 2-byte header, short body
+                size = 2 + buf[1]
+                if len(buf) < size:
+                    break
+                if buf[0] == 0x40:
+                    self.acked += 1
+                buf = buf[size:]
+
+    def packet(self, i: int, base: float) -> bytes:
+        # unique ms per series: message i of series i % SERIES is 1 ms after the previous one
+        ts = round(base + (i // SERIES) * 0.001, 3)
+        payload = f'{{"value":{i % 1000 / 10},"unit":"°C","ts":{ts}}}'.encode()
+        topic = self.topics[i % SERIES]
+        body = struct.pack("!H", len(topic)) + topic + struct.pack("!H", i % 65535 + 1) \
+            + payload
+        return b"\x33" + remaining_length(len(body)) + body  # PUBLISH, QoS 1, retain
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+        if time.monotonic() - self.last_ping > 20:
+            self.sock.sendall(b"\xc0\x00")  # PINGREQ
+            self.last_ping = time.monotonic()
+
+    def wait(self, what: Any, timeout: float, text: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not what():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout:.0f} s waiting for {text}")
+            self.send(b"")
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        self.sock.sendall(b"\xe0\x00")  # DISCONNECT
+        self.sock.close()
+        self.watcher.disconnect()
+        self.watcher.loop_stop()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-n", type=int, default=100_000, help="measurements (default %(default)s)")
+    ap.add_argument("--batch-size", type=int, default=1000)
+    ap.add_argument("--broker-inflight", type=int, default=1000,
+                    help="Mosquitto's max_inflight_messages (default %(default)s)")
+    ap.add_argument("--outage", type=float, default=0.0,
+                    help="seconds without the DB under a steady stream (outage mode)")
+    ap.add_argument("--rate", type=float, default=1000.0, help="outage mode: messages/s")
+    ap.add_argument("--duration", type=float, default=0.0,
+                    help="outage mode: seconds of publishing (default outage + 30)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--profile", metavar="FILE",
+                    help="record the daemon with py-spy (collapsed stacks) into FILE")
+    args = ap.parse_args()
+    n = min(args.n, MAX_N)
+
+    work = Path(tempfile.mkdtemp(prefix="bench-store-tsdb-"))
+    (work / "vm").mkdir()
+    root = "bench"
+    broker, port = start_mosquitto(work, args.broker_inflight)
+    vm = VictoriaMetrics(work / "vm")
+    vm.start()
+    config = {
+        "mqtt": {"host": "127.0.0.1", "port": port, "reconnect_min": 0.2, "reconnect_max": 1},
+        "topic_root": root, "heartbeat_interval": 1, "log_level": "info", "url": vm.url,
+        "spool_dir": str(work / "state"), "batch_size": args.batch_size,
+        "retry_interval": 1, "retry_max": 2,
+    }
+    (work / "store-tsdb.yml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONPATH": str(REPO / "files" / "daemons" / "src")}
+    log = open(work / "store-tsdb.log", "wb")  # noqa: SIM115 (open for the daemon's life)
+    daemon = subprocess.Popen([sys.executable, "-m", "pihub.store_tsdb", "--config",
+                               str(work / "store-tsdb.yml")], stdout=log,
+                              stderr=subprocess.STDOUT, env=env)
+    pub = None
+    try:
+        wait_until(lambda: b"ready:" in (work / "store-tsdb.log").read_bytes(), 30,
+                   "the daemon to be ready")
+        pub = Publisher(port, root)
+        rss_idle = status_kb(daemon.pid, "VmRSS")
+        cpu0 = cpu_seconds(daemon.pid)
+        base = time.time() - 7200
+        spy = None
+        if args.profile:
+            spy = subprocess.Popen(["py-spy", "record", "-p", str(daemon.pid), "-r", "250",
+                                    "-f", "raw", "-o", args.profile, "--threads"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1)  # py-spy attaches
+        if args.outage:
+            report = outage_run(args, pub, vm, base)
+        else:
+            report = throughput_run(n, pub, vm, base)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
+        report.update({
+            "daemon_cpu_s": round(cpu_seconds(daemon.pid) - cpu0, 2),
+            "daemon_rss_idle_mb": round(rss_idle / 1024, 1),
+            "daemon_peak_rss_mb": round(status_kb(daemon.pid, "VmHWM") / 1024, 1),
+            "batch_size": args.batch_size,
+            "broker_max_inflight_messages": args.broker_inflight,
+        })
+        time.sleep(2.5)  # a heartbeat or two, for the final counters
+        report["daemon_counters"] = pub.meta.get("counters")
+        print(json.dumps(report, indent=2))
+    finally:
+        if pub is not None:
+            pub.close()
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(30)
+        log.close()
+        vm.stop()
+        broker.terminate()
+        broker.wait(10)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"work directory kept: {work}", file=sys.stderr)
+    return 0
+
+
+def throughput_run(n: int, pub: Publisher, vm: VictoriaMetrics, base: float) -> dict[str, Any]:
+    packets = [pub.packet(i, base) for i in range(n)]
+    t0 = time.monotonic()
+    for k in range(0, n, 500):
+        pub.send(b"".join(packets[k:k + 500]))
+    pub.wait(lambda: pub.acked >= n, 120, "every PUBACK")
+    t_published = time.monotonic() - t0
+    pub.wait(lambda: vm.count("q[0-9]_value") >= n, 600, f"{n} points in the DB")
+    elapsed = time.monotonic() - t0
+    stored = vm.count("q[0-9]_value")
+    return {
+        "mode": "throughput", "measurements": n, "stored": stored,
+        "publish_s": round(t_published, 2), "elapsed_s": round(elapsed, 2),
+        "measurements_per_s": round(n / elapsed),
+    }
+
+
+def outage_run(args: argparse.Namespace, pub: Publisher, vm: VictoriaMetrics,
+               base: float) -> dict[str, Any]:
+    duration = args.duration or args.outage + 30
+    n = min(int(args.rate * duration), MAX_N)
+    down_at, up_at = (duration - args.outage) / 2, (duration + args.outage) / 2
+    t0 = time.monotonic()
+    state = "up"
+    max_spool = 0
+    for i in range(n):
+        due = t0 + i / args.rate
+        now = time.monotonic()
+        if due > now:
+            time.sleep(due - now)
+        if state == "up" and now - t0 >= down_at:
+            vm.stop()
+            state = "down"
+        elif state == "down" and now - t0 >= up_at:
+            vm.start()
+            state = "back"
+        pub.send(pub.packet(i, base))
+        max_spool = max(max_spool, pub.meta.get("spool_bytes", 0))
+    if state == "down":
+        vm.start()
+    t_end = time.monotonic()
+    pub.wait(lambda: vm.count("q[0-9]_value") >= n, 600, f"{n} points in the DB")
+    stored_at = time.monotonic()
+    stored = vm.count("q[0-9]_value")
+    return {
+        "mode": "outage", "rate_per_s": args.rate, "duration_s": duration,
+        "outage_s": args.outage, "measurements": n, "stored": stored,
+        "lost": n - stored if stored < n else 0, "duplicates": max(0, stored - n),
+        "max_spool_bytes_seen": max_spool,
+        "all_stored_s_after_last_publish": round(stored_at - t_end, 1),
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
