@@ -467,7 +467,8 @@ def all_series(rrd_dir: Path) -> list[str]:
 def graph_main(argv: list[str]) -> int:
     prog = "pihub-store-rrd --graph"
     parser = argparse.ArgumentParser(
-        prog=prog, description="Render PNG graphs of stored series with rrdtool graph: "
+        prog="pihub-store-rrd",
+        description="Render PNG graphs of stored series with rrdtool graph: "
         "<out>/<location>-<quantity>-<period>.png, average line and min-max band, in the "
         "series' unit.")
     parser.add_argument("--graph", action="store_true", required=True,
