@@ -97,6 +97,7 @@ class InfluxFront:
         self.status: int | None = None
         self.delay = 0.0
         self.requests: list[tuple[int, int]] = []  # (points in the write, status answered)
+        self.stored: list[bytes] = []  # the points the DB took, in the order it took them
         self.lock = threading.Lock()
         front = self
 
@@ -146,6 +147,8 @@ class InfluxFront:
                 status, answer = exc.code, exc.read()
         with self.lock:
             self.requests.append((len(lines), status))
+            if 200 <= status < 300:
+                self.stored.extend(lines)
         return status, answer
 
     def close(self) -> None:

@@ -112,22 +112,29 @@ def test_points_spooled_while_the_db_is_down_are_all_replayed_in_order_when_it_i
     assert not list((tmp_path / "state" / "spool").glob("*.lp"))
 
 
-def test_points_arriving_while_the_spool_drains_are_stored_after_the_older_ones(
+def test_points_arriving_while_the_spool_drains_are_written_after_the_older_ones(
         vm, store, observe, topic_root):
-    """New points go behind the spooled ones, and every one of them lands."""
-    obs = observe(f"{topic_root}/store-tsdb/#")
-    store(vm.url, retry_interval=2, retry_max=2, replay_batch_size=7)
-    heartbeat(obs, topic_root, lambda m: m["event"] == "heartbeat")
-    vm.stop()
-    start = time.time() - 3600
-    older = publish_series(obs, topic_root, "attic", "pressure", 30, start)
-    heartbeat(obs, topic_root, counter("spooled", 30))
-    vm.start()
-    newer = publish_series(obs, topic_root, "attic", "pressure", 30, start + 30)
-    assert stored(vm, "pressure", "attic", 60) == older + newer
-    meta = heartbeat(obs, topic_root, lambda m: m["spool_bytes"] == 0
-                     and m["counters"]["replayed"] + m["counters"]["written"] == 60)
-    assert meta["counters"]["replayed"] >= 30
+    """New points go behind the spooled ones: the DB gets every point in publishing order."""
+    front = InfluxFront(vm.url)
+    try:
+        obs = observe(f"{topic_root}/store-tsdb/#")
+        store(front.url, retry_interval=2, retry_max=2, replay_batch_size=7)
+        heartbeat(obs, topic_root, lambda m: m["event"] == "heartbeat")
+        front.status = 503
+        start = time.time() - 3600
+        older = publish_series(obs, topic_root, "attic", "pressure", 30, start)
+        heartbeat(obs, topic_root, counter("spooled", 30))
+        front.status = None
+        newer = publish_series(obs, topic_root, "attic", "pressure", 30, start + 30)
+        assert stored(vm, "pressure", "attic", 60) == older + newer
+        with front.lock:
+            order = [int(line.rsplit(b" ", 1)[1]) for line in front.stored]
+        assert order == [ts for ts, _value in older + newer]
+        meta = heartbeat(obs, topic_root, lambda m: m["spool_bytes"] == 0
+                         and m["counters"]["replayed"] + m["counters"]["written"] == 60)
+        assert meta["counters"]["replayed"] >= 30
+    finally:
+        front.close()
 
 
 def test_spooled_points_survive_a_restart_of_the_daemon(vm, store, observe, topic_root):
