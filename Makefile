@@ -15,7 +15,10 @@ dev: ## Install the test tools and the pihub package (editable) into the current
 	$(PYTHON) -m pip install -e 'files/daemons[tsdb,web]'
 
 .PHONY: test
-test: test-unit lint ## Run every test: unit tests, linters, then Molecule
+test: ## Run every test: unit tests, linters, then Molecule (in that order)
+	$(MAKE) test-unit
+	$(MAKE) lint
+	$(MAKE) molecule
 
 .PHONY: test-unit
 test-unit: ## Python tests of the daemons against a real Mosquitto (and friends)
@@ -27,7 +30,7 @@ lint-python: ## ruff and mypy on the pihub package
 	$(PYTHON) -m mypy files/daemons/src
 
 .PHONY: lint
-lint: lint-python ## Every linter
+lint: lint-python lint-ansible ## Every linter
 
 .PHONY: bench
 bench: bench-venv ## Idle memory and time-to-READY of every daemon, as deployed (figures in README)
@@ -39,3 +42,24 @@ BENCH_VENV ?= .cache/bench-venv
 bench-venv:
 	test -x $(BENCH_VENV)/bin/python || /usr/bin/python3 -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/pip install -q --upgrade './files/daemons[tsdb,web]'
+
+# --- Provisioning (roles/, playbooks/, molecule/, images/standin/) --------------------------
+STANDIN_IMAGE ?= pihub-standin:bookworm
+export PIHUB_STANDIN_IMAGE := $(STANDIN_IMAGE)
+
+.PHONY: lint-ansible
+lint-ansible: ## ansible-lint (production profile) and yamllint on roles, playbooks, inventory, Molecule
+	yamllint --strict .
+	ansible-lint --profile production
+
+.PHONY: image
+image: ## Build the stand-in Pi image (debootstrap, cached by the build script's hash)
+	images/standin/build.sh $(STANDIN_IMAGE)
+
+.PHONY: molecule
+molecule: image ## Molecule: create, converge, idempotence, verify, destroy on the stand-in
+	molecule test
+
+.PHONY: demo
+demo: ## Stand-in Pi provisioned by playbooks/site.yml, then 60 s of live heartbeats
+	images/standin/demo.sh
