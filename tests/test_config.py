@@ -113,3 +113,11 @@ def test_mutable_defaults_are_not_shared_between_instances():
     assert b.limits["max"] == 1.5
 
 
+
+
+def test_example_text_comments_every_key_of_list_items():
+    text = example_text(Sample, "sample")
+    block = text[text.index("items:"):text.index("limits:")]
+    assert "# Item name. (required)" in block and "# BCM pin. (required)" in block
+    assert "- name: door" in block and "mode: in" in block
+    assert build(Sample, yaml.safe_load(text)).items[0].mode == "in"

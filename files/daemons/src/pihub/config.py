@@ -306,22 +306,31 @@ def example_text(cls: type, daemon: str) -> str:
     return text.rstrip("\n") + "\n"
 
 
-def _example_lines(cls: type, indent: int) -> list[str]:
+def _example_lines(cls: type, indent: int, given: dict[str, Any] | None = None) -> list[str]:
+    """Every key of ``cls`` with its help as a comment; values from ``given`` where it has them
+    (an example of the enclosing key), else the key's own example or default."""
     pad = " " * indent
     out: list[str] = []
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
-        meta = field.metadata
-        help_text = meta.get("help", "")
-        tp = hints[field.name]
+        help_text = field.metadata.get("help", "")
         required = field.default is MISSING and field.default_factory is MISSING
-        for line in _wrap(help_text + (" (required)" if required else "")):
-            out.append(f"{pad}# {line}")
-        value = _example_value(field)
-        inner = _dataclass_of(tp)
-        if inner is not None and value is MISSING:
+        comment = [f"{pad}# {line}"
+                   for line in _wrap(help_text + (" (required)" if required else ""))]
+        value = given[field.name] if given and field.name in given else _example_value(field)
+        inner = _dataclass_of(hints[field.name])
+        items = _list_item_dataclass(hints[field.name])
+        if value is MISSING and given is not None:
+            continue  # an item of a list example that leaves this required key out
+        out += comment
+        if inner is not None and (value is MISSING or isinstance(value, dict)):
             out.append(f"{pad}{field.name}:")
-            out += _example_lines(inner, indent + 2)
+            out += _example_lines(inner, indent + 2, value if isinstance(value, dict) else None)
+        elif items is not None and isinstance(value, list) and value and all(
+                isinstance(v, dict) for v in value):
+            out.append(f"{pad}{field.name}:")
+            for item in value:
+                out += _list_item_lines(items, item, indent + 2)
         elif value is MISSING:
             raise TypeError(f"config key {field.name} is required but declares no example")
         else:
@@ -334,7 +343,27 @@ def _example_lines(cls: type, indent: int) -> list[str]:
     return out
 
 
+def _list_item_lines(cls: type, item: dict[str, Any], indent: int) -> list[str]:
+    """One list item as ``- key: value`` lines, each key with its comment."""
+    lines = [line for line in _example_lines(cls, indent + 2, item) if line.strip()]
+    for i, line in enumerate(lines):
+        if not line.lstrip().startswith("#"):
+            lines[i] = " " * indent + "- " + line[indent + 2:]
+            break
+    return [*lines, ""]
+
+
+def _list_item_dataclass(tp: Any) -> type | None:
+    if get_origin(tp) is list:
+        (item_tp,) = get_args(tp)
+        return _dataclass_of(item_tp)
+    return None
+
+
 def _dataclass_of(tp: Any) -> type | None:
+    if get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        tp = args[0] if len(args) == 1 else None
     if dataclasses.is_dataclass(tp):
         return tp  # type: ignore[return-value]
     return None
