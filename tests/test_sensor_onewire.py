@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -203,3 +205,17 @@ def test_missing_w1_bus_keeps_the_daemon_running(start_daemon, observe, topic_ro
     counters_reach(obs, topic_root, missing=2)
     assert "is the w1-gpio overlay enabled?" in d.output()
     assert d.stop() == 0
+
+
+def test_standin_fake_w1_bus_writes_frames_the_daemon_accepts(tmp_path: Path) -> None:
+    script = (Path(__file__).parent.parent / "molecule" / "standin-fixtures" / "sensor-onewire"
+              / "fake_w1_bus.py")
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "w1"), "--once"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    files = sorted((tmp_path / "w1" / "devices").glob("28-*/w1_slave"))
+    assert len(files) == 3
+    assert (tmp_path / "w1" / "devices" / "w1_bus_master1").is_dir()
+    for path in files:
+        millideg = parse_w1_slave(path.read_text(), "28")
+        assert -55000 <= millideg <= 125000
