@@ -25,7 +25,6 @@ reason saying it is unknown. Failures count ``fetch_errors`` (and ``errors``) in
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from . import __version__
 from .config import BaseConfig, ConfigError, setting
 from .daemon import Daemon
 from .topics import SEGMENT
+from .web import FetchError, fetch, session
 
 MAX_BYTES = 32 * 1024 * 1024  # the biggest station_information files are a few MB
 TICK = 1.0  # seconds between two checks of what is due
@@ -114,39 +114,17 @@ class Config(BaseConfig):
             seen.add(station.item)
 
 
-class FeedError(Exception):
-    """A feed could not be read or does not follow GBFS; the text says where and why."""
+# A feed that cannot be read or does not follow GBFS; the text says where and why.
+FeedError = FetchError
 
 
 def fetch_json(session: requests.Session, url: str, timeout: float) -> Any:
     """GET ``url`` and decode JSON; the whole answer must come within ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    try:
-        with session.get(url, timeout=timeout, stream=True) as resp:
-            if resp.status_code != 200:
-                raise FeedError(f"{url}: HTTP {resp.status_code} {resp.reason}")
-            body = bytearray()
-            for chunk in resp.iter_content(65536):
-                body += chunk
-                if len(body) > MAX_BYTES:
-                    raise FeedError(f"{url}: answer larger than {MAX_BYTES} bytes")
-                if time.monotonic() > deadline:
-                    raise FeedError(f"{url}: no complete answer within {timeout:g} s")
-    except requests.Timeout:
-        raise FeedError(f"{url}: no answer within {timeout:g} s") from None
-    except requests.RequestException as exc:
-        raise FeedError(f"{url}: {short_error(exc)}") from None
+    body, _charset = fetch(session, url, timeout, MAX_BYTES)
     try:
         return json.loads(bytes(body))
     except ValueError as exc:
         raise FeedError(f"{url}: not JSON ({exc}): {bytes(body[:60])!r}") from None
-
-
-def short_error(exc: Exception) -> str:
-    """The useful end of a requests error ('[Errno 111] Connection refused')."""
-    text = str(exc)
-    found = re.search(r"\[Errno -?\d+\][^'\")]*", text)
-    return found.group(0).strip() if found else f"{type(exc).__name__}: {text[:200]}"
 
 
 def gbfs_data(doc: Any, url: str, key: str | None = None) -> Any:
@@ -314,9 +292,7 @@ class BikesDisplay(Daemon[Config]):
     description = "Publish bike-sharing station availability (GBFS) for a display."
 
     def setup(self) -> None:
-        self.session = requests.Session()
-        self.session.headers["User-Agent"] = self.config.user_agent
-        self.session.headers["Accept"] = "application/json"
+        self.session = session(self.config.user_agent, "application/json")
         self.discovery = Feed("gbfs", self.config.discovery_url)
         self.feeds: dict[str, Feed] = {}
         self.last_good: dict[str, dict[str, Any]] = {}  # item -> last published good values

@@ -44,6 +44,7 @@ from . import __version__
 from .config import BaseConfig, ConfigError, setting
 from .daemon import Daemon
 from .topics import SEGMENT
+from .web import FetchError, fetch, session
 
 MAX_BYTES = 4 * 1024 * 1024
 MIN_INTERVAL = 5.0
@@ -140,10 +141,6 @@ class Config(BaseConfig):
                 ZoneInfo(self.timezone)
             except (ZoneInfoNotFoundError, ValueError):
                 raise ConfigError("timezone", f"unknown time zone {self.timezone!r}") from None
-
-
-class FetchError(Exception):
-    """The page could not be read; the text names the URL."""
 
 
 class LayoutError(Exception):
@@ -276,27 +273,7 @@ def recount(departures: list[dict[str, Any]], now: float) -> list[dict[str, Any]
 
 def fetch_page(session: requests.Session, url: str, timeout: float) -> tuple[bytes, str | None]:
     """The page's bytes and its charset (when the server names one); FetchError on failure."""
-    deadline = time.monotonic() + timeout
-    try:
-        with session.get(url, timeout=timeout, stream=True) as resp:
-            if resp.status_code != 200:
-                raise FetchError(f"{url}: HTTP {resp.status_code} {resp.reason}")
-            body = bytearray()
-            for chunk in resp.iter_content(65536):
-                body += chunk
-                if len(body) > MAX_BYTES:
-                    raise FetchError(f"{url}: page larger than {MAX_BYTES} bytes")
-                if time.monotonic() > deadline:
-                    raise FetchError(f"{url}: no complete page within {timeout:g} s")
-            charset = resp.encoding if "charset=" in resp.headers.get("Content-Type", "") \
-                else None
-    except requests.Timeout:
-        raise FetchError(f"{url}: no answer within {timeout:g} s") from None
-    except requests.RequestException as exc:
-        text = str(exc)
-        found = re.search(r"\[Errno -?\d+\][^'\")]*", text)
-        raise FetchError(f"{url}: {found.group(0).strip() if found else text[:200]}") from None
-    return bytes(body), charset
+    return fetch(session, url, timeout, MAX_BYTES)
 
 
 # --------------------------------------------------------------------------- the daemon
@@ -308,9 +285,7 @@ class TransportDisplay(Daemon[Config]):
     description = "Publish the next departures at public-transport stops, scraped from pages."
 
     def setup(self) -> None:
-        self.session = requests.Session()
-        self.session.headers["User-Agent"] = self.config.user_agent
-        self.session.headers["Accept"] = "text/html,application/xhtml+xml"
+        self.session = session(self.config.user_agent, "text/html,application/xhtml+xml")
         self.tz: tzinfo | None = ZoneInfo(self.config.timezone) if self.config.timezone else None
         self.last: dict[str, dict[str, Any]] = {}  # item -> last good payload
         self.reasons: dict[str, str] = {}  # item -> why it is stale now
