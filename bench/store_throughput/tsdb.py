@@ -194,7 +194,8 @@ def main() -> int:
     vm.start()
     config = {
         "mqtt": {"host": "127.0.0.1", "port": port, "reconnect_min": 0.2, "reconnect_max": 1},
-        "topic_root": root, "heartbeat_interval": 1, "log_level": "info", "url": vm.url,
+        "topic_root": root, "heartbeat_interval": 1, "url": vm.url,
+        "log_level": os.environ.get("BENCH_LOG_LEVEL", "info"),  # debug: one line per write
         "spool_dir": str(work / "state"), "batch_size": args.batch_size,
         "retry_interval": 1, "retry_max": 2,
     }

@@ -480,8 +480,11 @@ class StoreTsdb(Daemon[Config]):
         """Write ``batch`` to the DB (or the spool), then acknowledge it."""
         lines = [e[0] for e in batch]
         if self.spool.empty:
+            started = time.monotonic()
             rest = self._write(lines)
             self.count("written", len(lines) - len(rest))
+            self.log.debug("wrote %d of %d point(s) in %.0f ms", len(lines) - len(rest),
+                           len(lines), (time.monotonic() - started) * 1000)
             if rest:
                 self._db_failed()
         else:
