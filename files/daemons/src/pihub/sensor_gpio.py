@@ -43,7 +43,7 @@ class InputConfig:
     name: str = setting(help="Input name: the <quantity> of its data topic.",
                         example="front_door", pattern=SEGMENT.pattern)
     pin: int = setting(help="BCM GPIO number.", example=17, min=0, max=53)
-    pull: Literal["up", "down", "none"] = setting("up", "Internal pull resistor.")
+    pull: Literal["up", "down", "none"] = setting("up", "Internal pull resistor: up, down or none.")
     active_low: bool = setting(False, "True if a low level means active (contact to ground).")
     debounce_ms: int = setting(50, "The pin must be still this long before a change counts.",
                                min=0, max=60000)
@@ -81,16 +81,14 @@ class Config(BaseConfig):
         None, "simulated backend: mirror every pin's mode and level to this JSON file, or null."
     )
     inputs: list[InputConfig] = setting(
-        [], "Input pins: name, pin (BCM), pull (up/down/none, default up), active_low (false), "
-        "debounce_ms (50), location, kind (contact).",
+        [], "Input pins, published on <topic_root>/data/<location>/<name>.",
         example=[{"name": "front_door", "pin": 17, "pull": "up", "active_low": True,
                   "debounce_ms": 50, "location": "hall", "kind": "contact"},
                  {"name": "motion", "pin": 22, "pull": "down", "active_low": False,
                   "debounce_ms": 0, "location": "hall", "kind": "motion"}],
     )
     outputs: list[OutputConfig] = setting(
-        [], "Output pins: name, pin (BCM), initial (false), safe_state (false), active_low "
-        "(false), location.",
+        [], "Output pins, switched on <topic_root>/cmd/sensor-gpio/<name>.",
         example=[{"name": "heater", "pin": 27, "initial": False, "safe_state": False,
                   "active_low": True, "location": "hall"}],
     )

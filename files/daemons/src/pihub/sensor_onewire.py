@@ -58,7 +58,7 @@ class Config(BaseConfig):
                               "takes ~0.75 s per sensor).", min=2, max=86400)
     w1_root: str = setting("/sys/bus/w1", "Root of the kernel's w1 sysfs tree.")
     sensors: list[SensorConfig] = setting(
-        [], "Known sensors: id, location, name (default temperature).",
+        [], "Known sensors, published on <topic_root>/data/<location>/<name>.",
         example=[{"id": "28-0316a2795eff", "location": "living_room", "name": "temperature"},
                  {"id": "28-01144f8ac1aa", "location": "outside", "name": "temperature"}],
     )
