@@ -194,9 +194,13 @@ def test_monitor_start_with_retained_state_sends_no_up_notifications(
 def test_retained_heartbeat_of_a_long_dead_daemon_is_notified_down_once(
         start_daemon, observe, topic_root) -> None:
     obs = observe(f"{topic_root}/#")
-    publish_daemon(obs, topic_root, "store-rrd", ts=time.time() - 600, interval=30)
-    monitor_at(start_daemon)
-    down = wait_note(obs, topic_root, daemon="store-rrd", state="down")[0].json()
+    publish_daemon(obs, topic_root, "store-rrd", ts=time.time() - 600, interval=1)
+    monitor = monitor_at(start_daemon)
+    monitor.wait_log("connected to")
+    listening = time.time()
+    note = wait_note(obs, topic_root, daemon="store-rrd", state="down")[0]
+    assert note.at - listening >= 2.5, "the deadline runs from when the monitor listens"
+    down = note.json()
     assert "no heartbeat for 6" in down["reason"] and down["host"] == "fakehost"
     wait_monitor_beats(obs, topic_root, 3)
     assert len(notes(obs, topic_root)) == 1
@@ -207,7 +211,8 @@ def test_retained_clean_stop_is_recorded_as_stopped_without_notification(
     obs = observe(f"{topic_root}/#")
     publish_daemon(obs, topic_root, "store-rrd", "offline", event="stopping",
                    ts=time.time() - 3600)
-    publish_daemon(obs, topic_root, "display-bikes", "offline", ts=time.time() - 3600)
+    publish_daemon(obs, topic_root, "display-bikes", "offline", ts=time.time() - 3600,
+                   interval=1)
     monitor_at(start_daemon)
     assert wait_record(obs, topic_root, "store-rrd")["state"] == "stopped"
     bikes = wait_record(obs, topic_root, "display-bikes")
@@ -220,7 +225,7 @@ def test_retained_clean_stop_is_recorded_as_stopped_without_notification(
 def test_restarted_monitor_does_not_repeat_a_down_it_already_reported(
         start_daemon, observe, topic_root) -> None:
     obs = observe(f"{topic_root}/#")
-    publish_daemon(obs, topic_root, "store-rrd", ts=time.time() - 600, interval=30)
+    publish_daemon(obs, topic_root, "store-rrd", ts=time.time() - 600, interval=1)
     first = monitor_at(start_daemon)
     wait_note(obs, topic_root, daemon="store-rrd", state="down")
     wait_record(obs, topic_root, "store-rrd", state="down")
@@ -302,6 +307,29 @@ def test_summary_is_retained_and_lists_every_daemon_but_the_monitor(
                            lambda m: m.retain)[0].json()
     assert record["interval_s"] == 1 and record["deadline_s"] == 2.5
     assert record["counters"]["published"] > 0 and record["last_heartbeat"] > 0
+
+
+def test_broker_restart_does_not_make_the_monitor_report_daemons_down(
+        broker, start_daemon, observe, topic_root) -> None:
+    obs = observe(f"{topic_root}/#")
+    # the sensor beats every 3 s (down after 7.5 s) and comes back 10 s after losing the
+    # broker; the monitor is back after the 5 s outage, so it hears the sensor again 5 s
+    # later: within 7.5 s of listening, though long after the sensor's last heartbeat
+    start_daemon("sensor_system", {"interval": 5, "location": "pi", "heartbeat_interval": 3,
+                                   "mqtt": {"reconnect_min": 10, "reconnect_max": 10}})
+    monitor = monitor_at(start_daemon)
+    wait_record(obs, topic_root, "sensor-system", state="up")
+    broker.stop()
+    time.sleep(5)  # not a wait for something: the length of the outage
+    broker.start()
+    wait_until(lambda: monitor.output().count("connected to") >= 2, WAIT,
+               "the monitor to reconnect")
+    fresh = observe(f"{topic_root}/#")
+    fresh.wait_for(f"{topic_root}/sensor-system/meta", lambda m: not m.retain, timeout=30)
+    wait_monitor_beats(fresh, topic_root, 3)
+    record = wait_record(fresh, topic_root, "sensor-system")
+    assert record["state"] == "up" and record["transitions"] == 0
+    assert notes(fresh, topic_root) == []
 
 
 def test_cleared_retained_meta_makes_the_monitor_forget_the_daemon(start_daemon, observe,

@@ -62,6 +62,9 @@ UP, DOWN, STOPPED, UNKNOWN = "up", "down", "stopped", "unknown"
 STATES = (UP, DOWN, STOPPED, UNKNOWN)
 OK, PENDING, FIRING = "ok", "pending", "firing"
 EVENTS = ("starting", "heartbeat", "stopping")
+#: a witnessed offline status counts once it is this old (seconds) and the monitor still
+#: has its own connection; a broker that shuts down sends every Last Will just before
+OFFLINE_CONFIRM_S = 1.0
 #: first-level topics that are not daemons (``<root>/notify/status`` is a notify topic)
 RESERVED = frozenset({"data", "display", "notify", "cmd"})
 
@@ -235,6 +238,8 @@ class Watched:
     status: str | None = None
     offline: bool = False
     offline_at: float | None = None
+    offline_retained: bool = False
+    offline_connection: int = 0
     last_event: str | None = None
     event_at: float | None = None
     last_beat: float | None = None
@@ -270,18 +275,37 @@ class Series:
 Note = tuple[str, dict[str, Any]]  # (topic, notification request)
 
 
-def evaluate(w: Watched, now: float, factor: float) -> tuple[str, float | None, str]:
-    """State, since when, and why - from the facts gathered about one daemon."""
+def evaluate(w: Watched, now: float, factor: float, listening_since: float = 0.0,
+             connection: int = 0) -> tuple[str, float | None, str] | None:
+    """State, since when, and why - from the facts gathered about one daemon.
+
+    None means "not yet decided": a heartbeat deadline only runs while the monitor listens, so
+    after the monitor's own start or reconnection every daemon gets its full deadline to be
+    heard from (a Pi that boots, or a broker that restarts, does not make the whole
+    constellation "down" for a moment). Meanwhile the daemon keeps its previous state.
+
+    The same holds for an ``offline`` status the monitor did not witness on its current
+    connection (retained, or received just before the monitor lost the broker itself: a
+    stopping Mosquitto sends every client's Last Will first). A witnessed one counts once it
+    is ``OFFLINE_CONFIRM_S`` old and the monitor is still connected.
+    """
     if w.last_event == "stopping":
         return STOPPED, w.event_at, "stopped cleanly"
+    deadline = factor * w.interval_s if w.interval_s else 0.0
     if w.offline:
+        if not w.offline_retained and w.offline_connection == connection:
+            if w.offline_at is not None and now - w.offline_at < OFFLINE_CONFIRM_S:
+                return None
+        elif now - listening_since <= deadline:
+            return None  # offline while the monitor was not listening: give it time to return
         return DOWN, w.offline_at or w.last_beat or now, "connection lost (Last Will offline)"
     if w.last_beat is None or w.interval_s is None:
         return UNKNOWN, None, "no metadata event yet"
-    age = now - w.last_beat
-    if age > factor * w.interval_s:
-        return DOWN, w.last_beat, (f"no heartbeat for {age:.0f} s (expected every "
-                                   f"{w.interval_s:g} s)")
+    if now - w.last_beat > deadline and now - listening_since <= deadline:
+        return None
+    if now - w.last_beat > deadline:
+        return DOWN, w.last_beat, (f"no heartbeat for {now - w.last_beat:.0f} s (expected "
+                                   f"every {w.interval_s:g} s)")
     return UP, w.last_beat, "heartbeat"
 
 
@@ -326,6 +350,7 @@ class Monitor(Daemon[Config]):
         self._rules_dirty: set[str] = set()
         self._settled = False
         self._settle_until: float | None = None
+        self._listening_since = 0.0
         self._connection_seen = 0
         self._data_subscribed = False
         self.subscribe(self.topics.sub("monitor", "daemons", "+"), self.on_own_daemon_record)
@@ -398,6 +423,8 @@ class Monitor(Daemon[Config]):
                 if not w.offline:
                     w.offline = True
                     w.offline_at = None if msg.retain else now
+                    w.offline_retained = msg.retain
+                    w.offline_connection = self.bus.connections
             else:
                 w.offline = False
                 w.offline_at = None
@@ -493,6 +520,7 @@ class Monitor(Daemon[Config]):
         if self.bus.connections != self._connection_seen:
             self._connection_seen = self.bus.connections
             self._settle_until = now + self.config.startup_grace
+            self._listening_since = now
         if self._settle_until is not None and now < self._settle_until:
             return
         notes: list[Note] = []
@@ -517,7 +545,11 @@ class Monitor(Daemon[Config]):
         self._publish_rule_records()
 
     def _judge_daemon(self, w: Watched, now: float) -> list[Note]:
-        state, since, reason = evaluate(w, now, self.config.stale_factor)
+        verdict = evaluate(w, now, self.config.stale_factor, self._listening_since,
+                           self._connection_seen)
+        if verdict is None:
+            return []
+        state, since, reason = verdict
         if not w.seen:
             w.seen = True
             prev = w.restored or {}
