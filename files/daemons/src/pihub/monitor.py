@@ -508,8 +508,7 @@ class Monitor(Daemon[Config]):
             if self._settled:
                 for rule in matching:
                     notes += self._judge_series(rule, msg.topic, m, now)
-        self._send(notes)
-        self._publish_rule_records()
+        self._send(notes)  # the rule's record follows with the next check
 
     # ------------------------------------------------------------------ the check (main thread)
 
@@ -540,9 +539,8 @@ class Monitor(Daemon[Config]):
         self._send(notes)
         for name in dict.fromkeys(changed):
             self._publish_daemon_record(name)
-        if changed:
+        if self._publish_rule_records() or changed:
             self._publish_summary()
-        self._publish_rule_records()
 
     def _judge_daemon(self, w: Watched, now: float) -> list[Note]:
         verdict = evaluate(w, now, self.config.stale_factor, self._listening_since,
@@ -787,7 +785,7 @@ class Monitor(Daemon[Config]):
         if self._settled:
             self.publish_json(self.topics.sub("monitor", "summary"), self.summary())
 
-    def _publish_rule_records(self, every_rule: bool = False) -> None:
+    def _publish_rule_records(self, every_rule: bool = False) -> int:
         with self._lock:
             names = {r.name for r in self.config.rules} if every_rule else set(self._rules_dirty)
             self._rules_dirty.clear()
@@ -804,8 +802,7 @@ class Monitor(Daemon[Config]):
                 }
         for name, record in records.items():
             self.publish_json(self.topics.sub("monitor", "rules", name), record)
-        if records and not every_rule:
-            self._publish_summary()
+        return len(records)
 
     def publish_records(self) -> None:
         """The periodic refresh of every retained record under <root>/monitor/."""
