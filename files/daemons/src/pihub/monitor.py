@@ -80,6 +80,11 @@ def when_text(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
+def _ts(value: float | None) -> float | None:
+    """A time for a payload: milliseconds are plenty."""
+    return None if value is None else round(value, 3)
+
+
 def _number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
 
@@ -635,7 +640,7 @@ class Monitor(Daemon[Config]):
         return self.topics.notify(cfg.notify_topic), {
             "title": title, "message": message, "priority": priority,
             "ts": round(time.time(), 3), "daemon": w.name, "host": w.host, "state": w.state,
-            "previous": previous, "since": w.since, "reason": w.reason, "flapping": held,
+            "previous": previous, "since": _ts(w.since), "reason": w.reason, "flapping": held,
         }
 
     # ------------------------------------------------------------------ threshold rules
@@ -734,7 +739,7 @@ class Monitor(Daemon[Config]):
         return target, {
             "title": title, "message": message, "priority": priority,
             "ts": round(time.time(), 3), "rule": rule.name, "topic": topic, "state": state,
-            "value": m.value, "unit": m.unit, "since": s.since,
+            "value": m.value, "unit": m.unit, "since": _ts(s.since),
         }
 
     # ------------------------------------------------------------------ publishing
@@ -747,9 +752,9 @@ class Monitor(Daemon[Config]):
     def _daemon_record(self, w: Watched) -> dict[str, Any]:
         meta = w.meta
         return {
-            "daemon": w.name, "host": w.host, "state": w.state, "since": w.since,
+            "daemon": w.name, "host": w.host, "state": w.state, "since": _ts(w.since),
             "reason": w.reason, "status": w.status, "last_event": w.last_event,
-            "last_heartbeat": w.last_beat, "interval_s": w.interval_s,
+            "last_heartbeat": _ts(w.last_beat), "interval_s": w.interval_s,
             "deadline_s": (self.config.stale_factor * w.interval_s) if w.interval_s else None,
             "pid": meta.get("pid"), "version": meta.get("version"),
             "uptime_s": meta.get("uptime_s"), "rss_kb": meta.get("rss_kb"),
@@ -775,8 +780,8 @@ class Monitor(Daemon[Config]):
             return {
                 "ts": round(time.time(), 3),
                 "counts": {state: sum(1 for w in seen if w.state == state) for state in STATES},
-                "daemons": {w.name: {"state": w.state, "since": w.since, "host": w.host,
-                                     "last_heartbeat": w.last_beat, "reason": w.reason}
+                "daemons": {w.name: {"state": w.state, "since": _ts(w.since), "host": w.host,
+                                     "last_heartbeat": _ts(w.last_beat), "reason": w.reason}
                             for w in sorted(seen, key=lambda w: w.name)},
                 "rules_firing": firing,
             }
@@ -791,7 +796,7 @@ class Monitor(Daemon[Config]):
             self._rules_dirty.clear()
             records = {}
             for name in names:
-                series = {topic: {"state": s.state, "since": s.since, "value": s.value,
+                series = {topic: {"state": s.state, "since": _ts(s.since), "value": s.value,
                                   "unit": s.unit, "ts": s.ts, "crossed": s.crossed}
                           for (rule, topic), s in sorted(self._series.items()) if rule == name}
                 records[name] = {
