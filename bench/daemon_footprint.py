@@ -97,6 +97,10 @@ def run_env(python: str | None, extra: dict[str, str] | None = None) -> tuple[st
     return python or sys.executable, {**env, **(extra or {})}
 
 
+# Example settings that need hardware this machine lacks, replaced by their stand-ins.
+OFF_PI = {"pihub.sensor_gpio": {"backend": "simulated"}}
+
+
 def config_for(module: str, port: int, workdir: Path, python: str | None) -> Path:
     exe, env = run_env(python)
     example = subprocess.run([exe, "-m", module, "--print-config-example"],
@@ -105,6 +109,7 @@ def config_for(module: str, port: int, workdir: Path, python: str | None) -> Pat
     data["mqtt"] = {**data.get("mqtt", {}), "host": "127.0.0.1", "port": port,
                     "username": None, "password_file": None}
     data["log_level"] = "warning"
+    data.update(OFF_PI.get(module, {}))
     path = workdir / "config.yml"
     path.write_text(yaml.safe_dump(data))
     return path

@@ -223,7 +223,8 @@ def test_sighup_applies_log_level_and_heartbeat_and_names_keys_needing_restart(
     assert d.proc.poll() is None
 
 
-def test_systemd_gets_ready_then_watchdog_then_stopping(start_daemon, tmp_path, topic_root):
+def test_systemd_hears_ready_watchdog_pings_and_stopping_last(start_daemon, tmp_path,
+                                                              topic_root):
     sock_path = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(sock_path))
@@ -234,11 +235,11 @@ def test_systemd_gets_ready_then_watchdog_then_stopping(start_daemon, tmp_path, 
         got: list[str] = []
         while not any("STOPPING=1" in g for g in got):
             got.append(sock.recv(4096).decode())
-            if any("WATCHDOG=1" in g for g in got) and d.proc.poll() is None:
+            pings = sum("WATCHDOG=1" in g for g in got)
+            if pings >= 3 and any("READY=1" in g for g in got) and d.proc.poll() is None:
                 d.signal(signal.SIGTERM)
-        ready = next(i for i, g in enumerate(got) if "READY=1" in g)
-        watchdog = next(i for i, g in enumerate(got) if "WATCHDOG=1" in g)
-        assert ready < watchdog
+        assert sum("READY=1" in g for g in got) == 1  # once, however often it reconnects
+        assert "STOPPING=1" in got[-1]
         assert d.proc.wait(10) == 0
     finally:
         sock.close()
