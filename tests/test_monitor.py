@@ -241,7 +241,7 @@ def test_flapping_daemon_gives_one_notification_per_window(start_daemon, observe
                                                            topic_root) -> None:
     obs = observe(f"{topic_root}/#")
     publish_daemon(obs, topic_root, "display-bikes")
-    monitor_at(start_daemon, flap_window_s=6, flap_max=1)
+    monitor_at(start_daemon, flap_window_s=8, flap_max=1)
     wait_record(obs, topic_root, "display-bikes", state="up")
 
     def flip(status: str, transitions: int) -> None:
