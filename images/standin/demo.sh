@@ -18,7 +18,7 @@ echo "==> provisioning $container with playbooks/site.yml" >&2
 start=$(date +%s)
 ansible-playbook -i inventory/example -i inventory/demo --limit "$container" \
   -e @inventory/example/group_vars/pihub/vault.yml.example \
-  -e pihub_heartbeat_interval="$heartbeat" playbooks/site.yml
+  -e "{\"pihub_heartbeat_interval\": $heartbeat}" playbooks/site.yml
 echo "==> provisioned in $(($(date +%s) - start)) s" >&2
 
 # The first daemon's login (any daemon may read pihub/#), from inside the container.
