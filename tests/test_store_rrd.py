@@ -77,8 +77,10 @@ class RrdCached:
 
 @pytest.fixture
 def rrd_dir(tmp_path: Path) -> Path:
+    """As the rrd role makes it: group-writable and setgid, so series keep the RRD group."""
     d = tmp_path / "rrd"
     d.mkdir()
+    d.chmod(0o2775)
     return d
 
 

@@ -313,6 +313,11 @@ class StoreRrd(Daemon[Config]):
         self._lock = threading.Lock()
 
     def setup(self) -> None:
+        # Series directories and files are shared with rrdcached (another user of the RRD group):
+        # group-writable whatever the unit's UMask. Directories keep the group through rrd_dir's
+        # setgid bit, which they inherit; setting it with chmod is refused under the unit's
+        # RestrictSUIDSGID=yes.
+        os.umask(0o002)
         try:
             self.rrd_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -390,10 +395,7 @@ class StoreRrd(Daemon[Config]):
 
     def _create(self, path: Path, start: int) -> None:
         try:
-            if not path.parent.is_dir():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                # readable by graphs, group (rrdcached) kept by setgid, whatever the umask
-                os.chmod(path.parent, 0o2775)
+            path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise RrdError(f"cannot make directory {path.parent}: {exc.strerror or exc}") \
                 from None
