@@ -113,6 +113,8 @@ class Bus:
         self._connected = False
         self._pending: collections.deque[tuple[str, bytes, int, bool]] = collections.deque()
         self._subscriptions: dict[str, tuple[int, Handler]] = {}
+        # topic -> the guarded handlers of the filters it matches; filled as topics show up
+        self._routes: dict[str, list[Callable[[mqtt.MQTTMessage], None]]] = {}
         self._sub_mids: set[int] = set()
         self._dropped_logged = False
         self.connections = 0
@@ -144,7 +146,7 @@ class Bus:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
-        client.on_message = self._on_unmatched
+        client.on_message = self._dispatch
         self._client = client
 
     # ------------------------------------------------------------------ lifecycle
@@ -216,14 +218,37 @@ class Bus:
         """Route messages matching ``topic_filter`` to ``handler``; kept across reconnects."""
         with self._lock:
             self._subscriptions[topic_filter] = (qos, handler)
-            self._client.message_callback_add(topic_filter, self._guard(handler))
+            self._routes = {}
             if self._connected:
                 result, mid = self._client.subscribe(topic_filter, qos)
                 if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
                     self._sub_mids.add(mid)
 
-    def _guard(self, handler: Handler) -> Callable[[mqtt.Client, Any, mqtt.MQTTMessage], None]:
-        def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+    def _dispatch(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        """Route a message to the handlers of the filters its topic matches.
+
+        Topics repeat (one per series), so the match is made once per topic and kept: paho's
+        own per-message filter matching was a fair share of a storage daemon's CPU.
+        """
+        topic = msg.topic
+        routes = self._routes.get(topic)
+        if routes is None:
+            with self._lock:
+                routes = [self._guard(handler) for topic_filter, (_qos, handler)
+                          in self._subscriptions.items()
+                          if mqtt.topic_matches_sub(topic_filter, topic)]
+                if len(self._routes) >= 100_000:  # a bound against topic churn
+                    self._routes = {}
+                self._routes[topic] = routes
+        if not routes:
+            self._on_unmatched(client, msg)
+        for route in routes:
+            route(msg)
+
+    def _guard(self, handler: Handler) -> Callable[[mqtt.MQTTMessage], None]:
+        client = self._client
+
+        def on_message(msg: mqtt.MQTTMessage) -> None:
             ack = None
             if self.manual_ack and msg.qos > 0:
                 mid, qos = msg.mid, msg.qos
@@ -250,7 +275,7 @@ class Bus:
 
         return on_message
 
-    def _on_unmatched(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+    def _on_unmatched(self, client: mqtt.Client, msg: mqtt.MQTTMessage) -> None:
         # A persistent session may deliver messages of an old subscription.
         self.counters.inc("rejected")
         log.warning("rejected: no handler for topic %s", msg.topic)
