@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: builds the stand-in Pi, starts it as container pihub-demo, provisions it with
-# playbooks/site.yml exactly as a Pi (example inventory, example vault), then shows the
-# heartbeats of every daemon for DEMO_SECONDS (default 60) from inside the container.
+# playbooks/site.yml exactly as a Pi (example inventory, example vault; the outside world served
+# by local fixtures, as in Molecule), then shows the heartbeats of every daemon for DEMO_SECONDS
+# (default 60) from inside the container.
 # The container keeps running afterwards; remove it with `docker rm -f pihub-demo`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -14,10 +15,18 @@ heartbeat=${DEMO_HEARTBEAT:-10}
 images/standin/build.sh "$image"
 images/standin/run.sh "$container" "$image"
 
+# The daemons' outside world on 127.0.0.1, as in Molecule: the stand-in fixtures (a GBFS feed, a
+# departures board, a Pushover receiver, a fake 1-wire bus) installed by Molecule's prepare.yml,
+# and the inventory pointed at them (inventory/standin/loopback.yml); nothing leaves the machine.
+inventory=(-i inventory/example -i inventory/demo --limit "$container")
+loopback=(-e @inventory/standin/loopback.yml)
+echo "==> installing the stand-in fixtures in $container (molecule/default/prepare.yml)" >&2
+ansible-playbook "${inventory[@]}" "${loopback[@]}" molecule/default/prepare.yml
+
 echo "==> provisioning $container with playbooks/site.yml" >&2
 start=$(date +%s)
-ansible-playbook -i inventory/example -i inventory/demo --limit "$container" \
-  -e @inventory/example/group_vars/pihub/vault.yml.example \
+ansible-playbook "${inventory[@]}" \
+  -e @inventory/example/group_vars/pihub/vault.yml.example "${loopback[@]}" \
   -e "{\"pihub_heartbeat_interval\": $heartbeat}" playbooks/site.yml
 echo "==> provisioned in $(($(date +%s) - start)) s" >&2
 
