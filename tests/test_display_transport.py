@@ -199,10 +199,11 @@ def test_bad_selector_and_short_interval_are_config_errors(tmp_path):
     assert checked.returncode == 78 and "interval: expected a number between 5" in checked.stderr
 
 
-def test_standin_fixtures_match_the_test_fixtures():
+def test_the_standin_serves_these_test_fixtures_not_copies():
     standin = REPO / "molecule" / "standin-fixtures" / "display-transport"
     for path in FIXTURES.glob("*.html"):
-        assert (standin / path.name).read_bytes() == path.read_bytes(), path
+        served = standin / path.name
+        assert served.is_symlink() and served.resolve() == path.resolve(), served
 
 
 # --------------------------------------------------------------------------- parsing, now given
