@@ -1,0 +1,50 @@
+"""What both storage benchmarks need: a Mosquitto of their own and a daemon's CPU and memory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests"))
+from conftest import free_port, wait_until  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def start_mosquitto(workdir: Path, inflight: int) -> tuple[subprocess.Popen[bytes], int]:
+    """A broker on a free loopback port; ``inflight`` is its max_inflight_messages."""
+    port = free_port()
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
+                    f"max_inflight_messages {inflight}\nmax_queued_messages 0\n")
+    proc = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c",
+                             str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def accepts() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    wait_until(accepts, 10, "mosquitto")
+    return proc, port
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds of a running process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+def status_kb(pid: int, key: str) -> int:
+    """A kB figure of /proc/<pid>/status, e.g. VmRSS or VmHWM (peak)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
