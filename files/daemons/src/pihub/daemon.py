@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -46,6 +47,16 @@ class _Task:
     interval: float
     fn: Callable[[], None]
     due: float
+
+
+def state_directory(daemon: str, configured: str | None = None) -> Path:
+    """Where a daemon keeps state (spools, queues): the configured directory, else systemd's
+    ``$STATE_DIRECTORY`` (``StateDirectory=pihub-<name>`` in its unit), else the same path
+    systemd would give, ``/var/lib/pihub-<name>``."""
+    if configured:
+        return Path(configured)
+    given = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return Path(given or f"/var/lib/pihub-{daemon}")
 
 
 def rss_kb() -> int:

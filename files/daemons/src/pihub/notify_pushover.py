@@ -49,7 +49,7 @@ import requests
 from . import __version__
 from .bus import Message, read_secret
 from .config import BaseConfig, ConfigError, setting
-from .daemon import Daemon
+from .daemon import Daemon, state_directory
 from .topics import Reject
 
 #: Pushover's limits on one message (characters), see its API documentation.
@@ -61,7 +61,7 @@ MIN_RETRY = 30
 MAX_EXPIRE = 10800
 #: Longest stretch the sender spends in one run before letting the heartbeat through.
 SEND_BUDGET_S = 5.0
-DEFAULT_QUEUE_DIR = "/var/lib/pihub/notify-pushover"
+DEFAULT_QUEUE_DIR = "/var/lib/pihub-notify-pushover"  # what state_directory() falls back to
 
 
 @dataclass(kw_only=True)
@@ -286,11 +286,6 @@ class Spool:
             return len(self._items)
 
 
-def default_queue_dir() -> str:
-    state = os.environ.get("STATE_DIRECTORY", "")
-    return state.split(":")[0] if state else DEFAULT_QUEUE_DIR
-
-
 # --------------------------------------------------------------------------- Pushover answers
 
 
@@ -336,7 +331,7 @@ class PushoverNotifier(Daemon[Config]):
     def __init__(self, config: Config, config_path: str | None = None) -> None:
         super().__init__(config, config_path)
         self._token, self._user = self._read_secrets(config)
-        self.queue_dir = Path(config.queue_dir or default_queue_dir())
+        self.queue_dir = state_directory(self.name, config.queue_dir)
         try:
             self.queue_dir.mkdir(parents=True, exist_ok=True)
             probe = self.queue_dir / ".write-test.tmp"

@@ -45,10 +45,10 @@ from typing import Any
 
 from .bus import Message, read_secret
 from .config import BaseConfig, ConfigError, setting
-from .daemon import Daemon
+from .daemon import Daemon, state_directory
 from .topics import Reject
 
-DEFAULT_STATE_DIR = "/var/lib/pihub-store-tsdb"
+DEFAULT_STATE_DIR = "/var/lib/pihub-store-tsdb"  # what state_directory() falls back to
 MAX_SERIES_CACHED = 10000
 COUNTERS = ("written", "spooled", "replayed", "spool_full_dropped", "db_rejected",
             "db_unavailable", "duplicates")
@@ -265,9 +265,7 @@ class StoreTsdb(Daemon[Config]):
         super().__init__(config, config_path)
         cfg = self.config
         self.token = read_secret(cfg.token_file, "token_file") if cfg.token_file else None
-        state = cfg.spool_dir or (os.environ.get("STATE_DIRECTORY", "").split(":")[0]
-                                  or DEFAULT_STATE_DIR)
-        self.state_dir = Path(state)
+        self.state_dir = state_directory(self.name, cfg.spool_dir)
         try:
             self.spool = Spool(self.state_dir, cfg.spool_max_bytes)
         except OSError as exc:
