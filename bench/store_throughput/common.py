@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import IO, Any
+
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
@@ -48,3 +52,31 @@ def status_kb(pid: int, key: str) -> int:
         if line.startswith(key + ":"):
             return int(line.split()[1])
     return 0
+
+
+def start_daemon(name: str, config: dict[str, Any],
+                 work: Path) -> tuple[subprocess.Popen[bytes], IO[bytes]]:
+    """``pihub-<name>`` from this source tree with ``config``, once it logs that it is ready.
+
+    Returns the process and its open log file, for :func:`stop_daemon`.
+    """
+    conf = work / f"{name}.yml"
+    conf.write_text(yaml.safe_dump(config))
+    log_path = work / f"{name}.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "files" / "daemons" / "src")}
+    log = open(log_path, "wb")  # noqa: SIM115 (open for the daemon's life)
+    proc = subprocess.Popen([sys.executable, "-m", "pihub." + name.replace("-", "_"),
+                             "--config", str(conf)], stdout=log, stderr=subprocess.STDOUT,
+                            env=env)
+    try:
+        wait_until(lambda: b"ready:" in log_path.read_bytes(), 30, "the daemon to be ready")
+    except BaseException:
+        stop_daemon(proc, log)
+        raise
+    return proc, log
+
+
+def stop_daemon(proc: subprocess.Popen[bytes], log: IO[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(30)
+    log.close()

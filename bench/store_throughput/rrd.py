@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -32,12 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
-from common import cpu_seconds, start_mosquitto, status_kb  # noqa: E402
+from common import cpu_seconds, start_daemon, start_mosquitto, status_kb, stop_daemon  # noqa: E402
 from conftest import wait_until  # noqa: E402
 
 SERIES = 50
@@ -145,17 +142,10 @@ def main() -> int:
         "rrd_dir": str(rrd_dir),
         "rrdcached_socket": None if cached is None else f"unix:{cached.sock}",
     }
-    (work / "store-rrd.yml").write_text(yaml.safe_dump(config))
-    env = {**os.environ, "PYTHONPATH": str(REPO / "files" / "daemons" / "src")}
-    log = open(work / "store-rrd.log", "wb")  # noqa: SIM115 (open for the daemon's life)
-    daemon = subprocess.Popen([sys.executable, "-m", "pihub.store_rrd", "--config",
-                               str(work / "store-rrd.yml")], stdout=log,
-                              stderr=subprocess.STDOUT, env=env)
+    daemon, log = start_daemon("store-rrd", config, work)
     pub = None
     report: dict[str, Any] | None = None
     try:
-        wait_until(lambda: b"ready:" in (work / "store-rrd.log").read_bytes(), 30,
-                   "the daemon to be ready")
         pub = Publisher(port, root)
         rss_idle = status_kb(daemon.pid, "VmRSS")
         cpu0 = cpu_seconds(daemon.pid)
@@ -211,9 +201,7 @@ def main() -> int:
     finally:
         if pub is not None:
             pub.close()
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(30)
-        log.close()
+        stop_daemon(daemon, log)
         if cached is not None:
             cached.stop()
         broker.terminate()

@@ -34,13 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
-from common import cpu_seconds, start_mosquitto, status_kb  # noqa: E402
-from conftest import wait_until  # noqa: E402
+from common import cpu_seconds, start_daemon, start_mosquitto, status_kb, stop_daemon  # noqa: E402
 from store_tsdb_helpers import VictoriaMetrics  # noqa: E402
 
 SERIES = 100
@@ -167,16 +165,9 @@ def main() -> int:
         "spool_dir": str(work / "state"), "batch_size": args.batch_size,
         "retry_interval": 1, "retry_max": 2,
     }
-    (work / "store-tsdb.yml").write_text(yaml.safe_dump(config))
-    env = {**os.environ, "PYTHONPATH": str(REPO / "files" / "daemons" / "src")}
-    log = open(work / "store-tsdb.log", "wb")  # noqa: SIM115 (open for the daemon's life)
-    daemon = subprocess.Popen([sys.executable, "-m", "pihub.store_tsdb", "--config",
-                               str(work / "store-tsdb.yml")], stdout=log,
-                              stderr=subprocess.STDOUT, env=env)
+    daemon, log = start_daemon("store-tsdb", config, work)
     pub = None
     try:
-        wait_until(lambda: b"ready:" in (work / "store-tsdb.log").read_bytes(), 30,
-                   "the daemon to be ready")
         pub = Publisher(port, root)
         rss_idle = status_kb(daemon.pid, "VmRSS")
         cpu0 = cpu_seconds(daemon.pid)
@@ -207,9 +198,7 @@ def main() -> int:
     finally:
         if pub is not None:
             pub.close()
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(30)
-        log.close()
+        stop_daemon(daemon, log)
         vm.stop()
         broker.terminate()
         broker.wait(10)
