@@ -2,7 +2,8 @@
 """Idle memory and start-up time of every pihub daemon.
 
 For each console script ``pihub-<name>`` in files/daemons/pyproject.toml, start the daemon
-(``python -m pihub.<module>``) against a local Mosquitto with its own ``--print-config-example``
+(``python -m pihub.daemons.<module>``) against a local Mosquitto with its own
+``--print-config-example``
 (broker, file and directory keys pointed at a scratch dir), and report:
 
 * time from process start to ``READY=1`` on its NOTIFY_SOCKET (connected and subscribed),
@@ -98,7 +99,7 @@ def run_env(python: str | None, extra: dict[str, str] | None = None) -> tuple[st
 
 
 # Example settings that need hardware this machine lacks, replaced by their stand-ins.
-OFF_PI = {"pihub.sensor_gpio": {"backend": "simulated"}}
+OFF_PI = {"pihub.daemons.sensor_gpio": {"backend": "simulated"}}
 
 
 def config_for(module: str, port: int, workdir: Path, python: str | None) -> Path:

@@ -206,7 +206,7 @@ def observe(broker: Broker) -> Iterator[Callable[..., Observer]]:
 
 
 class DaemonProcess:
-    """A daemon started as ``python -m pihub.<module> --config FILE``, its output in a file.
+    """A daemon started as ``python -m pihub.daemons.<module> --config FILE``, its output in a file.
 
     ``module`` is a pihub module (``sensor_system``) or a test module named ``pihub_*``.
     """
@@ -220,7 +220,7 @@ class DaemonProcess:
                      if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "JOURNAL_STREAM")}
         full_env = {**inherited, "PYTHONPATH": f"{SRC}:{PROBE}", "PYTHONUNBUFFERED": "1",
                     **(env or {})}
-        target = module if module.startswith("pihub_") else f"pihub.{module}"
+        target = module if module.startswith("pihub_") else f"pihub.daemons.{module}"
         with open(log_file, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", target, "--config", str(config_file)],
@@ -295,7 +295,7 @@ def start_daemon(tmp_path: Path, broker: Broker, topic_root: str
 
 
 def run_cli(module: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m pihub.<module> ARGS`` to completion (``--check-config`` and friends)."""
+    """Run ``python -m pihub.daemons.<module> ARGS`` to completion (``--check-config`` &c.)."""
     env = {**os.environ, "PYTHONPATH": str(SRC)}
-    return subprocess.run([sys.executable, "-m", f"pihub.{module}", *args], env=env,
+    return subprocess.run([sys.executable, "-m", f"pihub.daemons.{module}", *args], env=env,
                           capture_output=True, text=True, timeout=timeout)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from conftest import REPO, DaemonProcess, Observer, free_port, run_cli, wait_until
-from pihub.display_bikes import discovery_feeds, localized, station_values, timestamp
+from pihub.daemons.display_bikes import discovery_feeds, localized, station_values, timestamp
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 

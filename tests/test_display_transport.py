@@ -13,7 +13,13 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from conftest import REPO, free_port, run_cli
-from pihub.display_transport import LayoutError, Selectors, parse_board, parse_minutes, recount
+from pihub.daemons.display_transport import (
+    LayoutError,
+    Selectors,
+    parse_board,
+    parse_minutes,
+    recount,
+)
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 

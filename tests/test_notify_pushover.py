@@ -15,7 +15,7 @@ import pytest
 import yaml
 from conftest import DaemonProcess, Observer, free_port, run_cli, wait_until
 from notify_pushover_helpers import RECEIVER, FakePushover, pushover_key
-from pihub.notify_pushover import MAX_MESSAGE, parse_request, wait_from_headers
+from pihub.daemons.notify_pushover import MAX_MESSAGE, parse_request, wait_from_headers
 from pihub.topics import Reject
 
 MODULE = "notify_pushover"

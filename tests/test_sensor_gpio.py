@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from conftest import SRC, DaemonProcess, Observer, Seen, run_cli, wait_until, write_config
-from pihub.sensor_gpio import parse_command, parse_levels
+from pihub.daemons.sensor_gpio import parse_command, parse_levels
 from pihub.topics import Reject
 
 FAKE_RPI = Path(__file__).parent / "fixtures" / "sensor_gpio" / "fake_rpi"

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import DaemonProcess, Observer, run_cli, write_config
-from pihub.sensor_onewire import Problem, parse_w1_slave
+from pihub.daemons.sensor_onewire import Problem, parse_w1_slave
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sensor_onewire"
 LIVING = "28-0316a2795eff"

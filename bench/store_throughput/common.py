@@ -65,7 +65,7 @@ def start_daemon(name: str, config: dict[str, Any],
     log_path = work / f"{name}.log"
     env = {**os.environ, "PYTHONPATH": str(REPO / "files" / "daemons" / "src")}
     log = open(log_path, "wb")  # noqa: SIM115 (open for the daemon's life)
-    proc = subprocess.Popen([sys.executable, "-m", "pihub." + name.replace("-", "_"),
+    proc = subprocess.Popen([sys.executable, "-m", "pihub.daemons." + name.replace("-", "_"),
                              "--config", str(conf)], stdout=log, stderr=subprocess.STDOUT,
                             env=env)
     try:

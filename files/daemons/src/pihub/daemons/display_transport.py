@@ -40,11 +40,11 @@ import requests
 import soupsieve
 from bs4 import BeautifulSoup, Tag
 
-from . import __version__
-from .config import BaseConfig, ConfigError, setting
-from .daemon import Daemon
-from .topics import SEGMENT
-from .web import FetchError, fetch, session
+from pihub import __version__
+from pihub.config import BaseConfig, ConfigError, setting
+from pihub.daemon import Daemon
+from pihub.topics import SEGMENT
+from pihub.web import FetchError, fetch, session
 
 MAX_BYTES = 4 * 1024 * 1024
 MIN_INTERVAL = 5.0

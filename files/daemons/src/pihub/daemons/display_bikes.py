@@ -34,11 +34,11 @@ from urllib.parse import urljoin
 
 import requests
 
-from . import __version__
-from .config import BaseConfig, ConfigError, setting
-from .daemon import Daemon
-from .topics import SEGMENT
-from .web import FetchError, fetch, session
+from pihub import __version__
+from pihub.config import BaseConfig, ConfigError, setting
+from pihub.daemon import Daemon
+from pihub.topics import SEGMENT
+from pihub.web import FetchError, fetch, session
 
 MAX_BYTES = 32 * 1024 * 1024  # the biggest station_information files are a few MB
 TICK = 1.0  # seconds between two checks of what is due

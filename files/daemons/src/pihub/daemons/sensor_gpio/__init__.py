@@ -31,11 +31,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .bus import Message
-from .config import BaseConfig, ConfigError, setting
-from .daemon import Daemon
-from .gpio_backends import Backend, BackendError, SimulatedBackend, make_backend
-from .topics import SEGMENT, Reject
+from pihub.bus import Message
+from pihub.config import BaseConfig, ConfigError, setting
+from pihub.daemon import Daemon
+from pihub.topics import SEGMENT, Reject
+
+from .backends import Backend, BackendError, SimulatedBackend, make_backend
 
 
 @dataclass(kw_only=True)

@@ -43,10 +43,10 @@ from math import isfinite
 from pathlib import Path
 from typing import Any
 
-from .bus import Message, read_secret
-from .config import BaseConfig, ConfigError, setting
-from .daemon import Daemon, state_directory
-from .topics import Reject
+from pihub.bus import Message, read_secret
+from pihub.config import BaseConfig, ConfigError, setting
+from pihub.daemon import Daemon, state_directory
+from pihub.topics import Reject
 
 DEFAULT_STATE_DIR = "/var/lib/pihub-store-tsdb"  # what state_directory() falls back to
 MAX_SERIES_CACHED = 10000

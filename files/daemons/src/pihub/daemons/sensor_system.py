@@ -23,9 +23,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import BaseConfig, ConfigError, setting
-from .daemon import Daemon
-from .topics import SEGMENT
+from pihub.config import BaseConfig, ConfigError, setting
+from pihub.daemon import Daemon
+from pihub.topics import SEGMENT
 
 
 @dataclass(kw_only=True)

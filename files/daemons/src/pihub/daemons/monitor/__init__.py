@@ -53,10 +53,10 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from .bus import Message
-from .config import BaseConfig, ConfigError, setting
-from .daemon import Daemon
-from .topics import SEGMENT, Measurement, Reject, parse_measurement
+from pihub.bus import Message
+from pihub.config import BaseConfig, ConfigError, setting
+from pihub.daemon import Daemon
+from pihub.topics import SEGMENT, Measurement, Reject, parse_measurement
 
 UP, DOWN, STOPPED, UNKNOWN = "up", "down", "stopped", "unknown"
 STATES = (UP, DOWN, STOPPED, UNKNOWN)

@@ -45,10 +45,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .bus import Message
-from .config import EX_CONFIG, BaseConfig, ConfigError, load_file, setting
-from .daemon import Daemon
-from .topics import SEGMENT, Measurement
+from pihub.bus import Message
+from pihub.config import EX_CONFIG, BaseConfig, ConfigError, load_file, setting
+from pihub.daemon import Daemon
+from pihub.topics import SEGMENT, Measurement
 
 STEP = 60
 DS_NAME = "value"

@@ -46,11 +46,11 @@ from typing import Any
 
 import requests
 
-from . import __version__
-from .bus import Message, read_secret
-from .config import BaseConfig, ConfigError, setting
-from .daemon import Daemon, state_directory
-from .topics import Reject
+from pihub import __version__
+from pihub.bus import Message, read_secret
+from pihub.config import BaseConfig, ConfigError, setting
+from pihub.daemon import Daemon, state_directory
+from pihub.topics import Reject
 
 #: Pushover's limits on one message (characters), see its API documentation.
 MAX_MESSAGE = 1024

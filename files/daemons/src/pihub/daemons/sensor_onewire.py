@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import BaseConfig, ConfigError, setting
-from .daemon import Daemon
-from .topics import SEGMENT
+from pihub.config import BaseConfig, ConfigError, setting
+from pihub.daemon import Daemon
+from pihub.topics import SEGMENT
 
 SENSOR_ID = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{12}$")
 FAMILY = re.compile(r"^[0-9a-f]{2}$")
