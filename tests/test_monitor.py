@@ -17,7 +17,7 @@ WAIT = 20.0  # generous: the test machine may be loaded
 
 def fake_meta(name: str, event: str = "heartbeat", *, ts: float | None = None,
               interval: float = 30.0, host: str = "fakehost") -> dict[str, Any]:
-    """A metadata event as a pihub daemon would publish it (DESIGN.md)."""
+    """A metadata event as a pihub daemon would publish it (docs/contract.md)."""
     return {"event": event, "daemon": name, "host": host, "pid": 4242, "version": "0.1.0",
             "ts": time.time() if ts is None else ts, "uptime_s": 12.5, "interval_s": interval,
             "rss_kb": 10240,

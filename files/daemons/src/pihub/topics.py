@@ -1,4 +1,4 @@
-"""The topic and payload contracts of DESIGN.md section 2, in one place.
+"""The topic and payload contracts of contract §2 (docs/contract.md), in one place.
 
 Builders make topics; parsers check incoming ones and raise :class:`Reject` with a reason
 when a message breaks the contract (the daemon logs and counts it, and goes on).

@@ -1,7 +1,7 @@
 """pihub-notify-pushover: send the hub's notification requests to Pushover.
 
 Reads ``<root>/notify/<topic>`` (QoS 1, persistent session, not retained), the notification
-request of DESIGN.md::
+request of docs/contract.md::
 
     {"title": "pihub: store-rrd is down", "message": "no heartbeat from pi4 since 10:42:07",
      "priority": 1, "ts": 1718000000.0}

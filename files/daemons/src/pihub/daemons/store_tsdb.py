@@ -4,7 +4,7 @@ Reads (QoS 1, persistent session, acknowledged only once stored)::
 
     <root>/data/<location>/<quantity>   {"value": 21.5, "unit": "°C", "ts": 1700000000.123}
 
-Writes each one as a point through influxdb-client's InfluxDB v2 write API (DESIGN.md section 4),
+Writes each one as a point through influxdb-client's InfluxDB v2 write API (contract §4),
 in line protocol with millisecond precision::
 
     <quantity>,location=<location>,host=<host> value=<value> <ts in ms>

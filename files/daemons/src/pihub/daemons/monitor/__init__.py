@@ -20,7 +20,7 @@ A daemon's state, evaluated every ``check_interval`` seconds in the main thread:
 
 Writes:
 
-* ``<root>/notify/<notify_topic>`` (not retained) - a notification request (DESIGN.md) on every
+* ``<root>/notify/<notify_topic>`` (not retained) - a notification request (contract §2) on every
   state change, with extra keys ``daemon``, ``host``, ``state``, ``previous``, ``since``,
   ``reason``, ``flapping``; and on every threshold rule that fires or clears, with extra keys
   ``rule``, ``topic``, ``state`` (``firing`` / ``cleared``), ``value``, ``unit``, ``since``::
@@ -186,7 +186,7 @@ class Config(BaseConfig):
     )
     stale_factor: float = setting(
         2.5, "A daemon is down when its last heartbeat is older than stale_factor x its own "
-        "interval_s (DESIGN.md: 2.5).", min=1, max=100,
+        "interval_s (docs/contract.md: 2.5).", min=1, max=100,
     )
     check_interval: float = setting(
         1.0, "Seconds between two checks of heartbeat deadlines, rule durations and flapping "
@@ -315,7 +315,7 @@ def evaluate(w: Watched, now: float, factor: float, listening_since: float = 0.0
 
 
 def parse_meta(topic: str, name: str, data: Any) -> dict[str, Any]:
-    """Check a metadata event against DESIGN.md; raise Reject saying what is wrong."""
+    """Check a metadata event against docs/contract.md; raise Reject saying what is wrong."""
     if not isinstance(data, dict):
         raise Reject(f"meta on {topic} must be a JSON object, got {type(data).__name__}")
     if data.get("event") not in EVENTS:

@@ -5,7 +5,7 @@ Reads (QoS 1, persistent session)::
     <root>/data/<location>/<quantity>   {"value": 21.5, "unit": "°C", "ts": 1717000000.123}
 
 Writes one RRD per series, ``<rrd_dir>/<location>/<quantity>.rrd``, created on first sight
-(DESIGN.md section 4): one GAUGE data source ``value``, step 60 s, heartbeat ``rrd_heartbeat``,
+(contract §4): one GAUGE data source ``value``, step 60 s, heartbeat ``rrd_heartbeat``,
 AVERAGE, MIN and MAX archives of 2 days at 1 min, 2 weeks at 5 min, 13 months at 1 h and
 10 years at 1 day. Beside it, ``<quantity>.json`` records the series' unit and topic
 (``{"location", "quantity", "unit", "topic", "created"}``) for graphs and readers.
