@@ -125,16 +125,6 @@ def test_unreadable_password_file_exits_78_naming_the_key(tmp_path):
     assert "mqtt.password_file" in run.stderr and "/nonexistent/pw" in run.stderr
 
 
-def test_printed_example_config_passes_check_config(tmp_path):
-    example = run_cli("sensor_system", "--print-config-example")
-    assert example.returncode == 0
-    for key in ("mqtt:", "password_file:", "heartbeat_interval:", "interval:", "# "):
-        assert key in example.stdout
-    path = tmp_path / "example.yml"
-    path.write_text(example.stdout)
-    check = run_cli("sensor_system", "--check-config", str(path))
-    assert check.returncode == 0, check.stderr
-    assert "OK" in check.stdout
 
 
 def _data_topic(root: str, loc: str = "lab", qty: str = "temp") -> str:

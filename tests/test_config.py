@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass
 from typing import Literal
 
 import pytest
 import yaml
+from conftest import REPO, run_cli
 from pihub.config import BaseConfig, ConfigError, build, example_text, load_text, setting
 
 
@@ -121,3 +123,47 @@ def test_example_text_comments_every_key_of_list_items():
     assert "# Item name. (required)" in block and "# BCM pin. (required)" in block
     assert "- name: door" in block and "mode: in" in block
     assert build(Sample, yaml.safe_load(text)).items[0].mode == "in"
+
+
+# --------------------------------------------------------------------------- every daemon
+
+def _daemon_modules() -> list[tuple[str, str]]:
+    """(console script, module under pihub.daemons) for every ``[project.scripts]`` entry."""
+    scripts = tomllib.loads((REPO / "files/daemons/pyproject.toml").read_text())
+    out = []
+    for script, target in scripts["project"]["scripts"].items():
+        module = target.split(":")[0]
+        assert module.startswith("pihub.daemons."), f"{script}: {target} is not a daemon module"
+        out.append((script, module.removeprefix("pihub.daemons.")))
+    return out
+
+
+# What each daemon's example must show besides the shared keys (every key is commented).
+EXAMPLE_KEYS = {
+    "sensor_system": ["interval:", "filesystems:"],
+    "monitor": ["rules:", "flap_window_s:"],
+    "store_tsdb": ["url: http://127.0.0.1:8428"],
+}
+
+
+@pytest.mark.parametrize(("script", "module"), _daemon_modules(), ids=lambda v: v)
+def test_printed_example_config_passes_check_config(tmp_path, script, module):
+    example = run_cli(module, "--print-config-example")
+    assert example.returncode == 0, example.stderr
+    assert example.stdout.startswith(f"# /etc/pihub/{script.removeprefix('pihub-')}.yml")
+    for key in ("mqtt:", "password_file:", "heartbeat_interval:", "# ",
+                *EXAMPLE_KEYS.get(module, [])):
+        assert key in example.stdout, f"{key!r} missing from {script}'s example"
+    path = tmp_path / "example.yml"
+    path.write_text(example.stdout)
+    check = run_cli(module, "--check-config", str(path))
+    assert check.returncode == 0, check.stderr
+    assert "OK" in check.stdout
+
+
+def test_every_daemon_module_has_a_console_script():
+    """A daemon module without an entry in [project.scripts] is never installed on the Pi."""
+    package = REPO / "files/daemons/src/pihub/daemons"
+    found = {p.stem if p.is_file() else p.name for p in package.iterdir()
+             if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").exists()}
+    assert found == {module for _, module in _daemon_modules()}

@@ -269,13 +269,6 @@ def test_slow_server_times_out_and_keeps_last_values(site, start_daemon, observe
     assert d.stop() == 0
 
 
-def test_printed_example_config_passes_check_config(tmp_path):
-    example = run_cli("display_bikes", "--print-config-example")
-    assert example.returncode == 0, example.stderr
-    path = tmp_path / "bikes.yml"
-    path.write_text(example.stdout)
-    checked = run_cli("display_bikes", "--check-config", str(path))
-    assert checked.returncode == 0, checked.stderr
 
 
 def test_station_with_neither_id_nor_name_is_a_config_error(tmp_path):

@@ -183,13 +183,6 @@ def test_one_broken_stop_leaves_the_other_fresh(site, start_daemon, observe, top
     assert not obs.wait_for(board(topic_root), timeout=20)[0].json()["stale"]
 
 
-def test_printed_example_config_passes_check_config(tmp_path):
-    example = run_cli("display_transport", "--print-config-example")
-    assert example.returncode == 0, example.stderr
-    path = tmp_path / "transport.yml"
-    path.write_text(example.stdout)
-    checked = run_cli("display_transport", "--check-config", str(path))
-    assert checked.returncode == 0, checked.stderr
 
 
 def test_bad_selector_and_short_interval_are_config_errors(tmp_path):

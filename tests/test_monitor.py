@@ -69,14 +69,6 @@ def publish_daemon(obs: Observer, root: str, name: str, status: str = "online",
 # --------------------------------------------------------------------------- config
 
 
-def test_print_config_example_passes_check_config(tmp_path: Path) -> None:
-    example = run_cli("monitor", "--print-config-example")
-    assert example.returncode == 0, example.stderr
-    path = tmp_path / "monitor.yml"
-    path.write_text(example.stdout)
-    checked = run_cli("monitor", "--check-config", str(path))
-    assert checked.returncode == 0, checked.stderr
-    assert "rules:" in example.stdout and "flap_window_s" in example.stdout
 
 
 def test_rule_without_limits_is_a_config_error_naming_the_key(tmp_path: Path) -> None:

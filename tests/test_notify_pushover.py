@@ -393,13 +393,6 @@ def test_parse_request_takes_whole_float_priority_and_ignores_extra_keys():
 # --------------------------------------------------------------------------- config
 
 
-def test_check_config_accepts_the_printed_example(tmp_path):
-    example = run_cli(MODULE, "--print-config-example")
-    assert example.returncode == 0, example.stderr
-    path = tmp_path / "example.yml"
-    path.write_text(example.stdout)
-    checked = run_cli(MODULE, "--check-config", str(path))
-    assert checked.returncode == 0, checked.stderr
 
 
 @pytest.mark.parametrize(("config", "key"), [

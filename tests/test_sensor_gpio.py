@@ -88,13 +88,6 @@ def test_sim_level_parser_takes_a_level_or_a_list_of_levels() -> None:
 # --------------------------------------------------------------------------- config
 
 
-def test_print_config_example_is_accepted_by_check_config(tmp_path: Path) -> None:
-    example = run_cli("sensor_gpio", "--print-config-example")
-    assert example.returncode == 0, example.stderr
-    path = tmp_path / "example.yml"
-    path.write_text(example.stdout)
-    checked = run_cli("sensor_gpio", "--check-config", str(path))
-    assert checked.returncode == 0, checked.stderr
 
 
 def test_check_config_names_a_pin_used_twice(tmp_path: Path) -> None:

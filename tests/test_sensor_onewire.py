@@ -87,13 +87,6 @@ def test_parser_refuses_a_truncated_file_and_an_out_of_range_value() -> None:
 # --------------------------------------------------------------------------- config
 
 
-def test_print_config_example_is_accepted_by_check_config(tmp_path: Path) -> None:
-    example = run_cli("sensor_onewire", "--print-config-example")
-    assert example.returncode == 0, example.stderr
-    path = tmp_path / "example.yml"
-    path.write_text(example.stdout)
-    checked = run_cli("sensor_onewire", "--check-config", str(path))
-    assert checked.returncode == 0, checked.stderr
 
 
 def test_check_config_names_a_malformed_sensor_id(tmp_path: Path) -> None:

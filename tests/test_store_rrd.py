@@ -428,13 +428,6 @@ def test_graph_of_unknown_series_fails_and_names_it(rrd_dir, tmp_path):
 # --------------------------------------------------------------------------- config
 
 
-def test_check_config_accepts_print_config_example(tmp_path):
-    example = run_cli("store_rrd", "--print-config-example")
-    assert example.returncode == 0
-    path = tmp_path / "example.yml"
-    path.write_text(example.stdout)
-    done = run_cli("store_rrd", "--check-config", str(path))
-    assert done.returncode == 0, done.stderr
 
 
 def test_relative_rrd_dir_is_a_config_error(tmp_path):

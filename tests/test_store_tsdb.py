@@ -283,14 +283,6 @@ def test_bad_input_is_rejected_and_counted_and_the_next_good_point_is_stored(
     assert d.proc.poll() is None
 
 
-def test_check_config_accepts_the_printed_example(tmp_path):
-    example = run_cli("store_tsdb", "--print-config-example")
-    assert example.returncode == 0, example.stderr
-    path = tmp_path / "example.yml"
-    path.write_text(example.stdout)
-    checked = run_cli("store_tsdb", "--check-config", str(path))
-    assert checked.returncode == 0, checked.stderr
-    assert "url: http://127.0.0.1:8428" in example.stdout
 
 
 def test_check_config_names_the_key_of_a_bad_value(tmp_path):
