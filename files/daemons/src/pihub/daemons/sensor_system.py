@@ -1,5 +1,10 @@
 """pihub-sensor-system: the Pi's own health, every ``interval`` seconds.
 
+The smallest real daemon, and the template for a new one: declare the config (``Config``: the
+validation, the errors and ``--print-config-example`` come from it), schedule the poll in
+``setup()``, and in the poll read and publish. A reading that fails is logged and counted
+(``errors``); the others are still sent. MQTT, metadata, signals and systemd are the library's.
+
 Publishes under ``<root>/data/<location>/<quantity>`` (location = host name by default):
 
 ==================  =====  ==================================================
@@ -9,7 +14,7 @@ cpu_temp            °C     first thermal zone (the SoC on a Pi), where present
 temp_<zone type>    °C     every further thermal zone, where present
 load_1m/5m/15m      count  load average
 memory_available    %      MemAvailable / MemTotal
-disk_used_<name>    %      used share of each filesystem in ``filesystems``
+disk_used_<name>    %      used share of each filesystem in ``filesystems``, as df counts it
 uptime              s      seconds since boot
 ==================  =====  ==================================================
 """
@@ -68,9 +73,10 @@ class SystemSensor(Daemon[Config]):
         for reader in (self._temperatures, self._load, self._memory, self._disks, self._uptime):
             try:
                 readings += reader()
-            except (OSError, ValueError) as exc:
+            except (OSError, LookupError, ValueError) as exc:  # a file missing or unexpected
                 self.count("errors")
-                self.log.warning("%s: %s", reader.__name__.strip("_"), exc)
+                self.log.warning("%s not read: %s: %s", reader.__name__.strip("_"),
+                                 type(exc).__name__, exc)
         for quantity, value, unit in readings:
             self.publish_measurement(self.location, quantity, round(value, 3), unit, ts)
         self.log.debug("published %d readings", len(readings))
