@@ -87,12 +87,12 @@ def test_atomic_write_leaves_old_or_new_content_when_killed_at_random_points(tmp
     path = tmp_path / "state.json"
 
     def content(i: int) -> bytes:
-        return str(i).encode() * (30000 + i)  # about 100 kB: many pages to tear
+        return str(i).encode() * (200_000 + i)  # about 1 MB: a write SIGKILL can tear
 
     atomic_write(path, content(0))
     done = 0
     kills = 0
-    for _ in range(30):
+    for _ in range(40):
         start = done + 1
 
         def writer(report: Callable[[str], None], start: int = start) -> None:
@@ -100,14 +100,14 @@ def test_atomic_write_leaves_old_or_new_content_when_killed_at_random_points(tmp
                 atomic_write(path, content(i))
                 report(str(i))
 
-        lines = killed_child(writer, rng.randint(1, 20))
+        lines = killed_child(writer, rng.randint(1, 10))
         kills += 1
         acked = int(lines[-1]) if lines else done
         found = path.read_bytes()
         # the last acknowledged content, or the one in flight when the kill came
         assert found in (content(acked), content(acked + 1)), found[:40]
         done = acked + 1 if found == content(acked + 1) else acked
-    assert kills == 30
+    assert kills == 40
 
 
 def test_atomic_write_replaces_a_file_with_the_given_mode_and_a_stale_temporary(tmp_path):
