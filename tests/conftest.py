@@ -1,9 +1,12 @@
-"""Shared fixtures: a real Mosquitto per test, an MQTT observer, daemons as real processes."""
+"""Shared fixtures: a real Mosquitto per test, an MQTT observer, daemons as real processes, and
+web sites on loopback serving fixture files."""
 
 from __future__ import annotations
 
 import json
+import mimetypes
 import os
+import re
 import shutil
 import signal
 import socket
@@ -12,6 +15,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +25,8 @@ import paho.mqtt.client as mqtt
 import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
+from pytest_httpserver import HTTPServer
+from werkzeug import Request, Response
 
 REPO = Path(__file__).resolve().parent.parent
 SRC = REPO / "files" / "daemons" / "src"
@@ -299,3 +305,62 @@ def run_cli(module: str, *args: str, timeout: float = 30) -> subprocess.Complete
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     return subprocess.run([sys.executable, "-m", f"pihub.daemons.{module}", *args], env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+# --------------------------------------------------------------------------- web sites
+
+
+class Site:
+    """A web site on 127.0.0.1 whose answers a test can change while a daemon polls it.
+
+    A path answers what :meth:`set` or :meth:`serve_file` gave it last, 404 until then; an
+    answer with a ``delay`` is held back that long (released when the test ends). ``hits``
+    counts the requests per path, ``agents`` records their User-Agent headers.
+    """
+
+    def __init__(self, server: HTTPServer) -> None:
+        self.base = server.url_for("/").rstrip("/")
+        self.routes: dict[str, tuple[int, bytes, float, str]] = {}
+        self.hits: Counter[str] = Counter()
+        self.agents: list[str] = []
+        self.lock = threading.Lock()
+        self.release = threading.Event()
+        server.expect_request(re.compile(r"/.*")).respond_with_handler(self.handle)
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def set(self, path: str, body: bytes, status: int = 200, delay: float = 0.0,
+            content_type: str = "application/json") -> None:
+        with self.lock:
+            self.routes[path] = (status, body, delay, content_type)
+
+    def serve_file(self, path: str, file: Path, status: int = 200, delay: float = 0.0) -> str:
+        """Answer ``path`` with ``file``, typed by its suffix (text as UTF-8); its URL."""
+        content_type = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
+        if content_type.startswith("text/"):
+            content_type += "; charset=utf-8"
+        self.set(path, file.read_bytes(), status, delay, content_type)
+        return self.url(path)
+
+    def handle(self, request: Request) -> Response:
+        with self.lock:
+            self.hits[request.path] += 1
+            self.agents.append(request.headers.get("User-Agent", ""))
+            status, body, delay, content_type = self.routes.get(
+                request.path, (404, b"not found", 0.0, "text/plain"))
+        if delay:
+            self.release.wait(delay)
+        return Response(body, status=status, content_type=content_type)
+
+
+@pytest.fixture
+def site() -> Iterator[Site]:
+    """A :class:`Site` on a free loopback port, for the test's duration."""
+    server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
+    server.start()
+    s = Site(server)
+    yield s
+    s.release.set()
+    server.clear()
+    server.stop()

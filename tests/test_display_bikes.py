@@ -3,73 +3,39 @@
 from __future__ import annotations
 
 import json
-import re
-import threading
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, DaemonProcess, Observer, free_port, run_cli, wait_until
+from conftest import REPO, DaemonProcess, Observer, Site, free_port, run_cli, wait_until
 from pihub.daemons.display_bikes import discovery_feeds, localized, station_values, timestamp
-from pytest_httpserver import HTTPServer
-from werkzeug import Request, Response
 
 FIXTURES = Path(__file__).parent / "fixtures" / "display_bikes"
 STANDIN_BASE = "http://127.0.0.1:8081"  # the base the fixture files carry (the stand-in's)
 
 
-class Site:
-    """A GBFS site on 127.0.0.1 whose answers a test can change while the daemon polls."""
-
-    def __init__(self, server: HTTPServer) -> None:
-        self.server = server
-        self.base = server.url_for("/").rstrip("/")
-        self.routes: dict[str, tuple[int, bytes, float]] = {}
-        self.hits: Counter[str] = Counter()
-        self.lock = threading.Lock()
-        self.release = threading.Event()  # ends every delayed answer at teardown
-        server.expect_request(re.compile(r"/.*")).respond_with_handler(self.handle)
-
-    def fixture(self, version: str, name: str,
-                patch: Callable[[dict[str, Any]], None] | None = None) -> None:
-        """Serve fixture ``<version>/<name>.json`` at /<version>/<name>.json."""
-        doc = json.loads((FIXTURES / version / f"{name}.json").read_text().replace(
-            STANDIN_BASE, self.base))
-        if patch is not None:
-            patch(doc)
-        self.set(f"/{version}/{name}.json", json.dumps(doc).encode())
-
-    def all(self, version: str) -> None:
-        for path in sorted((FIXTURES / version).glob("*.json")):
-            self.fixture(version, path.stem)
-
-    def set(self, path: str, body: bytes, status: int = 200, delay: float = 0.0) -> None:
-        with self.lock:
-            self.routes[path] = (status, body, delay)
-
-    def url(self, version: str, name: str = "gbfs") -> str:
-        return f"{self.base}/{version}/{name}.json"
-
-    def handle(self, request: Request) -> Response:
-        with self.lock:
-            self.hits[request.path] += 1
-            status, body, delay = self.routes.get(request.path, (404, b"not found", 0.0))
-        if delay:
-            self.release.wait(delay)
-        return Response(body, status=status, content_type="application/json")
+#: every fixture feed, by GBFS version (the stand-in serves these files too)
+FEEDS = {"v2": ("gbfs", "station_information", "station_status", "system_information"),
+         "v3": ("gbfs", "station_information", "station_status", "system_information",
+                "vehicle_types")}
 
 
-@pytest.fixture
-def site() -> Iterator[Site]:
-    server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
-    server.start()
-    s = Site(server)
-    yield s
-    s.release.set()
-    server.clear()
-    server.stop()
+def serve_feed(site: Site, version: str, name: str,
+               patch: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Serve fixture ``<version>/<name>.json`` at /<version>/<name>.json, URLs pointing here."""
+    doc = json.loads((FIXTURES / version / f"{name}.json").read_text().replace(
+        STANDIN_BASE, site.base))
+    if patch is not None:
+        patch(doc)
+    site.set(f"/{version}/{name}.json", json.dumps(doc).encode())
+
+
+def serve_feeds(site: Site, version: str) -> str:
+    """Serve every feed of ``version``; the URL of its discovery file."""
+    for name in FEEDS[version]:
+        serve_feed(site, version, name)
+    return site.url(f"/{version}/gbfs.json")
 
 
 def display(topic_root: str, item: str, board: str = "bikes") -> str:
@@ -92,9 +58,9 @@ def is_stale(m: Any) -> bool:
 
 def test_velib_v2_feed_gives_mechanical_and_electric_counts(site, start_daemon, observe,
                                                             topic_root):
-    site.all("v2")
+    feed = serve_feeds(site, "v2")
     obs = observe(f"{topic_root}/display/#")
-    start_daemon("display_bikes", config(site.url("v2"), [
+    start_daemon("display_bikes", config(feed, [
         {"item": "godard", "id": 213688169},
         {"item": "gare-de-lyon", "id": "12001", "display_name": "Gare de Lyon"},
         {"item": "bastille", "name": "bastille - rue de la roquette"},
@@ -120,9 +86,9 @@ def test_velib_v2_feed_gives_mechanical_and_electric_counts(site, start_daemon, 
 
 def test_v3_feed_splits_bikes_by_vehicle_type_and_localizes_names(site, start_daemon, observe,
                                                                   topic_root):
-    site.all("v3")
+    feed = serve_feeds(site, "v3")
     obs = observe(f"{topic_root}/display/#")
-    start_daemon("display_bikes", config(site.url("v3"), [
+    start_daemon("display_bikes", config(feed, [
         {"item": "hbf", "id": "st-101"},
         {"item": "rathaus", "name": "Town Hall"},
     ], language="de", board="rad"))
@@ -137,10 +103,10 @@ def test_v3_feed_splits_bikes_by_vehicle_type_and_localizes_names(site, start_da
 
 def test_status_is_not_read_again_before_its_ttl_runs_out(site, start_daemon, observe,
                                                           topic_root):
-    site.all("v3")
-    site.fixture("v3", "station_status", lambda d: d.update(ttl=300))
+    feed = serve_feeds(site, "v3")
+    serve_feed(site, "v3", "station_status", lambda d: d.update(ttl=300))
     obs = observe(f"{topic_root}/#")
-    start_daemon("display_bikes", config(site.url("v3"), [{"item": "hbf", "id": "st-101"}]))
+    start_daemon("display_bikes", config(feed, [{"item": "hbf", "id": "st-101"}]))
     obs.wait_for(display(topic_root, "hbf"), timeout=20)
     heartbeat_counter(obs, topic_root, "ttl_waits", 3)  # three intervals passed, ttl held
     assert site.hits["/v3/station_status.json"] == 1
@@ -149,18 +115,18 @@ def test_status_is_not_read_again_before_its_ttl_runs_out(site, start_daemon, ob
 
 def test_status_is_read_every_interval_when_ttl_is_zero(site, start_daemon, observe,
                                                         topic_root):
-    site.all("v3")
+    feed = serve_feeds(site, "v3")
     observe(f"{topic_root}/#")
-    start_daemon("display_bikes", config(site.url("v3"), [{"item": "hbf", "id": "st-101"}]))
+    start_daemon("display_bikes", config(feed, [{"item": "hbf", "id": "st-101"}]))
     wait_until(lambda: site.hits["/v3/station_status.json"] >= 3, 20, "three status reads")
     assert site.hits["/v3/station_information.json"] == 1  # info_interval is an hour
 
 
 def test_server_error_keeps_last_values_marked_stale_then_recovers(site, start_daemon, observe,
                                                                    topic_root):
-    site.all("v2")
+    feed = serve_feeds(site, "v2")
     obs = observe(f"{topic_root}/#")
-    start_daemon("display_bikes", config(site.url("v2"), [{"item": "lyon", "id": "12001"}]))
+    start_daemon("display_bikes", config(feed, [{"item": "lyon", "id": "12001"}]))
     fresh = obs.wait_for(display(topic_root, "lyon"), timeout=20)[0].json()
     site.set("/v2/station_status.json", b"upstream down", status=503)
     stale = obs.wait_for(display(topic_root, "lyon"), is_stale, timeout=20)[0].json()
@@ -169,7 +135,7 @@ def test_server_error_keeps_last_values_marked_stale_then_recovers(site, start_d
         fresh["bikes"], fresh["electric"], fresh["fetched_at"])
     heartbeat_counter(obs, topic_root, "fetch_errors", 1)
     heartbeat_counter(obs, topic_root, "errors", 1)
-    site.fixture("v2", "station_status")
+    serve_feed(site, "v2", "station_status")
     n = len(obs.messages(display(topic_root, "lyon")))
     back = wait_until(lambda: [m for m in obs.messages(display(topic_root, "lyon"))[n:]
                                if not is_stale(m)], 20, "a fresh message again")[0].json()
@@ -177,9 +143,9 @@ def test_server_error_keeps_last_values_marked_stale_then_recovers(site, start_d
 
 
 def test_status_that_is_not_json_is_reported_as_such(site, start_daemon, observe, topic_root):
-    site.all("v2")
+    feed = serve_feeds(site, "v2")
     obs = observe(f"{topic_root}/display/#")
-    start_daemon("display_bikes", config(site.url("v2"), [{"item": "lyon", "id": "12001"}]))
+    start_daemon("display_bikes", config(feed, [{"item": "lyon", "id": "12001"}]))
     obs.wait_for(display(topic_root, "lyon"), timeout=20)
     site.set("/v2/station_status.json", b"<html><body>Maintenance</body></html>")
     stale = obs.wait_for(display(topic_root, "lyon"), is_stale, timeout=20)[0].json()
@@ -189,11 +155,11 @@ def test_status_that_is_not_json_is_reported_as_such(site, start_daemon, observe
 
 def test_status_without_a_stations_list_is_reported_as_malformed(site, start_daemon, observe,
                                                                  topic_root):
-    site.all("v3")
+    feed = serve_feeds(site, "v3")
     obs = observe(f"{topic_root}/display/#")
-    start_daemon("display_bikes", config(site.url("v3"), [{"item": "hbf", "id": "st-101"}]))
+    start_daemon("display_bikes", config(feed, [{"item": "hbf", "id": "st-101"}]))
     obs.wait_for(display(topic_root, "hbf"), timeout=20)
-    site.fixture("v3", "station_status", lambda d: d["data"].pop("stations"))
+    serve_feed(site, "v3", "station_status", lambda d: d["data"].pop("stations"))
     stale = obs.wait_for(display(topic_root, "hbf"), is_stale, timeout=20)[0].json()
     assert "expected a list in data.stations" in stale["reason"]
     assert stale["bikes"] == 9
@@ -201,12 +167,12 @@ def test_status_without_a_stations_list_is_reported_as_malformed(site, start_dae
 
 def test_station_entry_without_bike_count_is_stale_and_others_stay_fresh(
         site, start_daemon, observe, topic_root):
-    site.all("v3")
+    feed = serve_feeds(site, "v3")
     obs = observe(f"{topic_root}/display/#")
-    start_daemon("display_bikes", config(site.url("v3"), [
+    start_daemon("display_bikes", config(feed, [
         {"item": "hbf", "id": "st-101"}, {"item": "park", "id": "st-103"}]))
     obs.wait_for(display(topic_root, "park"), timeout=20)
-    site.fixture("v3", "station_status",
+    serve_feed(site, "v3", "station_status",
                  lambda d: d["data"]["stations"][2].pop("num_vehicles_available"))
     stale = obs.wait_for(display(topic_root, "park"), is_stale, timeout=20)[0].json()
     assert "no count of bikes" in stale["reason"] and stale["bikes"] == 4
@@ -215,12 +181,12 @@ def test_station_entry_without_bike_count_is_stale_and_others_stay_fresh(
 
 def test_station_gone_from_the_feed_is_stale_and_others_stay_fresh(site, start_daemon, observe,
                                                                    topic_root):
-    site.all("v3")
+    feed = serve_feeds(site, "v3")
     obs = observe(f"{topic_root}/#")
-    start_daemon("display_bikes", config(site.url("v3"), [
+    start_daemon("display_bikes", config(feed, [
         {"item": "hbf", "id": "st-101"}, {"item": "rathaus", "id": "st-102"}]))
     obs.wait_for(display(topic_root, "rathaus"), timeout=20)
-    site.fixture("v3", "station_status", lambda d: d["data"]["stations"].pop(1))
+    serve_feed(site, "v3", "station_status", lambda d: d["data"]["stations"].pop(1))
     stale = obs.wait_for(display(topic_root, "rathaus"), is_stale, timeout=20)[0].json()
     assert "'st-102' is not in station_status" in stale["reason"]
     assert stale["docks"] == 16  # the last good values stay
@@ -229,9 +195,9 @@ def test_station_gone_from_the_feed_is_stale_and_others_stay_fresh(site, start_d
 
 
 def test_station_never_seen_is_published_as_unknown(site, start_daemon, observe, topic_root):
-    site.all("v2")
+    feed = serve_feeds(site, "v2")
     obs = observe(f"{topic_root}/display/#")
-    start_daemon("display_bikes", config(site.url("v2"), [
+    start_daemon("display_bikes", config(feed, [
         {"item": "typo", "id": "99999", "display_name": "My station"},
         {"item": "byname", "name": "No Such Place"}]))
     typo = obs.wait_for(display(topic_root, "typo"), timeout=20)[0].json()
@@ -256,9 +222,9 @@ def test_feed_down_from_start_publishes_every_station_with_the_reason(start_daem
 
 
 def test_slow_server_times_out_and_keeps_last_values(site, start_daemon, observe, topic_root):
-    site.all("v2")
+    feed = serve_feeds(site, "v2")
     obs = observe(f"{topic_root}/#")
-    d = start_daemon("display_bikes", config(site.url("v2"), [{"item": "lyon", "id": "12001"}],
+    d = start_daemon("display_bikes", config(feed, [{"item": "lyon", "id": "12001"}],
                                              timeout=0.5))
     obs.wait_for(display(topic_root, "lyon"), timeout=20)
     body = (FIXTURES / "v2" / "station_status.json").read_bytes()
@@ -267,8 +233,6 @@ def test_slow_server_times_out_and_keeps_last_values(site, start_daemon, observe
     assert "within 0.5 s" in stale["reason"] and stale["bikes"] == 12
     heartbeat_counter(obs, topic_root, "fetch_errors", 1)
     assert d.stop() == 0
-
-
 
 
 def test_station_with_neither_id_nor_name_is_a_config_error(tmp_path):
@@ -302,8 +266,16 @@ def test_velib_types_given_as_one_object_are_read_too():
     assert (values["mechanical"], values["electric"], values["docks"]) == (1, 2, None)
 
 
-def test_the_standin_serves_these_test_fixtures_not_copies():
-    standin = REPO / "molecule" / "standin-fixtures" / "display-bikes"
-    for path in FIXTURES.glob("*/*.json"):
-        served = standin / path.parent.name / path.name
-        assert served.is_symlink() and served.resolve() == path.resolve(), served
+def test_the_fixtures_are_the_listed_feeds():
+    listed = sorted(f"{version}/{name}.json" for version, names in FEEDS.items()
+                    for name in names)
+    assert sorted(p.relative_to(FIXTURES).as_posix() for p in FIXTURES.glob("*/*.json")) == listed
+
+
+@pytest.mark.parametrize(("version", "name"), [(v, n) for v, names in FEEDS.items()
+                                               for n in names])
+def test_the_standin_serves_this_test_fixture_not_a_copy(version, name):
+    served = REPO / "molecule" / "standin-fixtures" / "display-bikes" / version / f"{name}.json"
+    fixture = FIXTURES / version / f"{name}.json"
+    assert fixture.is_file()
+    assert served.is_symlink() and served.resolve() == fixture.resolve(), served

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import re
-import threading
-from collections import Counter
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from conftest import REPO, free_port, run_cli
+from conftest import REPO, Site, free_port, run_cli
 from pihub.daemons.display_transport import (
     LayoutError,
     Selectors,
@@ -20,8 +17,6 @@ from pihub.daemons.display_transport import (
     parse_minutes,
     recount,
 )
-from pytest_httpserver import HTTPServer
-from werkzeug import Request, Response
 
 FIXTURES = Path(__file__).parent / "fixtures" / "display_transport"
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -34,45 +29,13 @@ CLOCK = {"row": "#abfahrten tr.journey", "line": "td.train", "destination": "td.
          "platform": "td.platform"}
 
 
-class Site:
-    """Departure pages on 127.0.0.1 whose answers a test can change while the daemon polls."""
-
-    def __init__(self, server: HTTPServer) -> None:
-        self.base = server.url_for("/").rstrip("/")
-        self.routes: dict[str, tuple[int, bytes, float]] = {}
-        self.hits: Counter[str] = Counter()
-        self.agents: list[str] = []
-        self.lock = threading.Lock()
-        self.release = threading.Event()
-        server.expect_request(re.compile(r"/.*")).respond_with_handler(self.handle)
-
-    def page(self, path: str, fixture: str, status: int = 200, delay: float = 0.0) -> str:
-        self.set(path, (FIXTURES / fixture).read_bytes(), status, delay)
-        return self.base + path
-
-    def set(self, path: str, body: bytes, status: int = 200, delay: float = 0.0) -> None:
-        with self.lock:
-            self.routes[path] = (status, body, delay)
-
-    def handle(self, request: Request) -> Response:
-        with self.lock:
-            self.hits[request.path] += 1
-            self.agents.append(request.headers.get("User-Agent", ""))
-            status, body, delay = self.routes.get(request.path, (404, b"not found", 0.0))
-        if delay:
-            self.release.wait(delay)
-        return Response(body, status=status, content_type="text/html; charset=utf-8")
+#: every fixture page (the stand-in serves these files too)
+PAGES = ("clock.html", "countdown.html", "empty.html", "redesigned.html")
 
 
-@pytest.fixture
-def site() -> Iterator[Site]:
-    server = HTTPServer(host="127.0.0.1", port=0, threaded=True)
-    server.start()
-    s = Site(server)
-    yield s
-    s.release.set()
-    server.clear()
-    server.stop()
+def page(site: Site, path: str, fixture: str, delay: float = 0.0) -> str:
+    """Serve fixture page ``fixture`` at ``path``; its URL."""
+    return site.serve_file(path, FIXTURES / fixture, delay=delay)
 
 
 def stop(url: str, item: str = "alex", selectors: dict[str, str] | None = None
@@ -101,7 +64,7 @@ def sel(spec: dict[str, str]) -> Selectors:
 
 
 def test_countdown_page_gives_the_next_n_departures(site, start_daemon, observe, topic_root):
-    url = site.page("/stop/alex", "countdown.html")
+    url = page(site, "/stop/alex", "countdown.html")
     obs = observe(f"{topic_root}/display/#")
     start_daemon("display_transport", config(stop(url), user_agent="test-board/1.0"))
     msg = obs.wait_for(board(topic_root), timeout=20)[0].json()
@@ -118,7 +81,7 @@ def test_countdown_page_gives_the_next_n_departures(site, start_daemon, observe,
 
 
 def test_clock_page_gives_scheduled_realtime_and_delay(site, start_daemon, observe, topic_root):
-    url = site.page("/ostbahnhof", "clock.html")
+    url = page(site, "/ostbahnhof", "clock.html")
     obs = observe(f"{topic_root}/display/#")
     start_daemon("display_transport", config(stop(url, "ost", CLOCK), max_departures=10))
     deps = obs.wait_for(board(topic_root, "ost"), timeout=20)[0].json()["departures"]
@@ -133,11 +96,11 @@ def test_clock_page_gives_scheduled_realtime_and_delay(site, start_daemon, obser
 
 def test_changed_layout_names_the_selector_and_keeps_departures_stale(
         site, start_daemon, observe, topic_root):
-    url = site.page("/stop/alex", "countdown.html")
+    url = page(site, "/stop/alex", "countdown.html")
     obs = observe(f"{topic_root}/#")
     d = start_daemon("display_transport", config(stop(url)))
     fresh = obs.wait_for(board(topic_root), timeout=20)[0].json()
-    site.page("/stop/alex", "redesigned.html")
+    page(site, "/stop/alex", "redesigned.html")
     stale = obs.wait_for(board(topic_root), is_stale, timeout=20)[0].json()
     assert "selector row 'table.departures tbody tr' matched nothing" in stale["reason"]
     assert url in stale["reason"]
@@ -149,11 +112,12 @@ def test_changed_layout_names_the_selector_and_keeps_departures_stale(
 
 def test_server_error_keeps_departures_stale_and_counts_it(site, start_daemon, observe,
                                                            topic_root):
-    url = site.page("/stop/alex", "countdown.html")
+    url = page(site, "/stop/alex", "countdown.html")
     obs = observe(f"{topic_root}/#")
     start_daemon("display_transport", config(stop(url)))
     obs.wait_for(board(topic_root), timeout=20)
-    site.set("/stop/alex", b"<h1>502 Bad Gateway</h1>", status=502)
+    site.set("/stop/alex", b"<h1>502 Bad Gateway</h1>", status=502,
+             content_type="text/html; charset=utf-8")
     stale = obs.wait_for(board(topic_root), is_stale, timeout=20)[0].json()
     assert f"{url}: HTTP 502" in stale["reason"]
     assert len(stale["departures"]) == 5
@@ -162,7 +126,7 @@ def test_server_error_keeps_departures_stale_and_counts_it(site, start_daemon, o
 
 
 def test_slow_page_times_out_and_the_board_says_why(site, start_daemon, observe, topic_root):
-    url = site.page("/stop/alex", "countdown.html", delay=30)
+    url = page(site, "/stop/alex", "countdown.html", delay=30)
     obs = observe(f"{topic_root}/#")
     d = start_daemon("display_transport", config(stop(url), timeout=0.5))
     msg = obs.wait_for(board(topic_root), timeout=20)[0].json()
@@ -174,15 +138,13 @@ def test_slow_page_times_out_and_the_board_says_why(site, start_daemon, observe,
 
 
 def test_one_broken_stop_leaves_the_other_fresh(site, start_daemon, observe, topic_root):
-    good = site.page("/stop/alex", "countdown.html")
+    good = page(site, "/stop/alex", "countdown.html")
     refused = f"http://127.0.0.1:{free_port()}/stop/gone"
     obs = observe(f"{topic_root}/display/#")
     start_daemon("display_transport", config(stop(good), stop(refused, "gone")))
     gone = obs.wait_for(board(topic_root, "gone"), timeout=20)[0].json()
     assert gone["stale"] and "Connection refused" in gone["reason"]
     assert not obs.wait_for(board(topic_root), timeout=20)[0].json()["stale"]
-
-
 
 
 def test_bad_selector_and_short_interval_are_config_errors(tmp_path):
@@ -198,11 +160,15 @@ def test_bad_selector_and_short_interval_are_config_errors(tmp_path):
     assert checked.returncode == 78 and "interval: expected a number between 5" in checked.stderr
 
 
-def test_the_standin_serves_these_test_fixtures_not_copies():
-    standin = REPO / "molecule" / "standin-fixtures" / "display-transport"
-    for path in FIXTURES.glob("*.html"):
-        served = standin / path.name
-        assert served.is_symlink() and served.resolve() == path.resolve(), served
+def test_the_fixtures_are_the_listed_pages():
+    assert sorted(p.name for p in FIXTURES.glob("*.html")) == sorted(PAGES)
+
+
+@pytest.mark.parametrize("name", PAGES)
+def test_the_standin_serves_this_test_fixture_not_a_copy(name):
+    served = REPO / "molecule" / "standin-fixtures" / "display-transport" / name
+    assert (FIXTURES / name).is_file()
+    assert served.is_symlink() and served.resolve() == (FIXTURES / name).resolve(), served
 
 
 # --------------------------------------------------------------------------- parsing, now given
