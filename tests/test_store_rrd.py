@@ -122,12 +122,13 @@ def last_update(path: Path, cached: RrdCached | None = None) -> tuple[float, flo
 
 def counters(obs: Observer, root: str, pred: Callable[[dict[str, Any]], bool],
              what: str) -> dict[str, Any]:
-    """The first heartbeat of store-rrd whose counters satisfy ``pred``."""
-    hits = obs.wait_for(f"{root}/store-rrd/meta",
-                        lambda m: m.json()["event"] == "heartbeat" and pred(m.json()["counters"]),
-                        timeout=20)
-    assert hits, what
-    return hits[0].json()
+    """The first heartbeat of store-rrd whose counters satisfy ``pred``; the failure names
+    ``what`` was awaited."""
+    def first() -> dict[str, Any] | None:
+        return next((m.json() for m in obs.messages(f"{root}/store-rrd/meta")
+                     if m.json()["event"] == "heartbeat" and pred(m.json()["counters"])), None)
+
+    return wait_until(first, 20, f"a store-rrd heartbeat with {what}")  # type: ignore[no-any-return]
 
 
 def measurement(value: Any, ts: float, unit: str = "°C") -> dict[str, Any]:
@@ -415,6 +416,28 @@ def test_graph_renders_a_png_per_period_with_the_unit(store, observe, topic_root
         width, height = png_size(out / name)
         assert width > 800 and height > 240, (name, width, height)
     assert d.stop() == 0
+
+
+def test_graph_is_drawn_from_the_file_when_rrdcached_is_unreachable(rrd_dir, tmp_path):
+    rrd = rrd_dir / "cellar" / "humidity.rrd"
+    rrd.parent.mkdir()
+    now = int(time.time())
+    subprocess.run([RRDTOOL, "create", str(rrd), "--start", str(now - 7200), "--step", "60",
+                    "DS:value:GAUGE:300:U:U", "RRA:AVERAGE:0.5:1:2880", "RRA:MIN:0.5:1:2880",
+                    "RRA:MAX:0.5:1:2880"], check=True)
+    subprocess.run([RRDTOOL, "update", str(rrd),
+                    *(f"{t}:{60 + t % 7}" for t in range(now - 7140, now, 60))], check=True)
+    config = write_config(tmp_path / "graph.yml", {
+        "rrd_dir": str(rrd_dir), "rrdcached_socket": f"unix:{tmp_path}/no-rrdcached.sock"})
+    out = tmp_path / "g"
+    done = run_cli("store_rrd", "--graph", "cellar/humidity", "--period", "day",
+                   "--config", str(config), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "cellar/humidity: via rrdcached failed" in done.stderr
+    assert "drawing from the file" in done.stderr
+    assert done.stdout.split() == [str(out / "cellar-humidity-day.png")]
+    width, height = png_size(out / "cellar-humidity-day.png")
+    assert width > 800 and height > 240
 
 
 def test_graph_of_unknown_series_fails_and_names_it(rrd_dir, tmp_path):

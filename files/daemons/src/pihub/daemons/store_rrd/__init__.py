@@ -26,12 +26,12 @@ Publishes nothing of its own besides ``<root>/store-rrd/status`` and ``.../meta`
 ``rrdcached`` state in the heartbeat).
 
 ``pihub-store-rrd --graph [SERIES...]`` renders PNG graphs (last day, week, month, year) of the
-series (``location/quantity``; all of them by default) into ``--out``; see ``--graph --help``.
+series (``location/quantity``; all of them by default) into ``--out``: the daemon's second
+command, kept in :mod:`.graph`; see ``--graph --help``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import select
@@ -43,12 +43,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pihub.bus import Message
-from pihub.config import EX_CONFIG, BaseConfig, ConfigError, load_file, setting
+from pihub.config import BaseConfig, ConfigError, setting
 from pihub.daemon import Daemon
-from pihub.topics import SEGMENT, Measurement
+from pihub.topics import Measurement
 
 STEP = 60
 DS_NAME = "value"
@@ -426,129 +426,12 @@ class StoreRrd(Daemon[Config]):
         self.rrdtool.run("update", str(series.path), f"{rrd_number(ts)}:{rrd_number(value)}")
 
 
-# --------------------------------------------------------------------------- graphs
-
-PERIODS = {"day": ("end-1d", "last 24 hours"), "week": ("end-1w", "last 7 days"),
-           "month": ("end-1mon", "last month"), "year": ("end-1y", "last year")}
-Period = Literal["day", "week", "month", "year"]
-
-
-def escape(text: str) -> str:
-    """Text for an rrdtool graph legend (colons escaped, percent signs doubled)."""
-    return text.replace("\\", "\\\\").replace(":", "\\:").replace("%", "%%")
-
-
-def graph_args(path: Path, out: Path, period: str, *, title: str, unit: str,
-               width: int, height: int, daemon: str | None) -> list[str]:
-    start, label = PERIODS[period]
-    u = escape(f" {unit}") if unit else ""
-    args = [
-        "graph", str(out), "--imgformat", "PNG", "--start", start, "--end", "now",
-        "--title", f"{title} - {label}", "--vertical-label", unit or "value",
-        "--width", str(width), "--height", str(height), "--units-exponent", "0",
-        "--left-axis-format", "%.6lg",
-        "--alt-autoscale", "--slope-mode", "--font", "DEFAULT:9:", "--font", "TITLE:11:",
-        f"DEF:avg={path}:{DS_NAME}:AVERAGE", f"DEF:min={path}:{DS_NAME}:MIN",
-        f"DEF:max={path}:{DS_NAME}:MAX", "CDEF:band=max,min,-",
-        "LINE:min", "AREA:band#7fb3e080:min to max:STACK",
-        "LINE2:avg#1f5fa8:average\\l",
-        f"GPRINT:avg:LAST:last %.2lf{u}",
-        f"GPRINT:min:MIN:min %.2lf{u}",
-        f"GPRINT:avg:AVERAGE:mean %.2lf{u}",
-        f"GPRINT:max:MAX:max %.2lf{u}\\l",
-    ]
-    if daemon:
-        args[2:2] = ["--daemon", daemon]
-    return args
-
-
-def all_series(rrd_dir: Path) -> list[str]:
-    return sorted(f"{p.parent.name}/{p.stem}" for p in rrd_dir.glob("*/*.rrd"))
-
-
-def graph_main(argv: list[str]) -> int:
-    prog = "pihub-store-rrd --graph"
-    parser = argparse.ArgumentParser(
-        prog="pihub-store-rrd",
-        description="Render PNG graphs of stored series with rrdtool graph: "
-        "<out>/<location>-<quantity>-<period>.png, average line and min-max band, in the "
-        "series' unit.")
-    parser.add_argument("--graph", action="store_true", required=True,
-                        help="render graphs instead of running the daemon")
-    parser.add_argument("series", nargs="*", metavar="LOCATION/QUANTITY",
-                        help="series to draw (default: every series in rrd_dir)")
-    parser.add_argument("--config", metavar="FILE", default="/etc/pihub/store-rrd.yml",
-                        help="the daemon's config, for rrd_dir and rrdcached_socket "
-                             "(default: %(default)s)")
-    parser.add_argument("--out", metavar="DIR", default=".", help="output directory")
-    parser.add_argument("--period", action="append", choices=list(PERIODS),
-                        help="period to draw; repeat for several (default: all four)")
-    parser.add_argument("--width", type=int, default=800, help="plot width, pixels")
-    parser.add_argument("--height", type=int, default=240, help="plot height, pixels")
-    args = parser.parse_args(argv)
-
-    try:
-        config = load_file(Config, args.config)
-    except ConfigError as exc:
-        print(f"{prog}: config error in {args.config}: {exc}", file=sys.stderr)
-        return EX_CONFIG
-    exe = shutil.which(config.rrdtool)
-    if exe is None:
-        print(f"{prog}: rrdtool: program {config.rrdtool!r} not found", file=sys.stderr)
-        return EX_CONFIG
-    rrd_dir = Path(config.rrd_dir)
-    wanted = args.series or all_series(rrd_dir)
-    if not wanted:
-        print(f"{prog}: no series in {rrd_dir}", file=sys.stderr)
-        return 1
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    daemon = config.rrdcached_socket
-    if daemon and not daemon.startswith("unix:"):
-        daemon = "unix:" + daemon
-    failed = 0
-    for name in wanted:
-        location, _, quantity = name.partition("/")
-        if not (SEGMENT.match(location) and SEGMENT.match(quantity)):
-            print(f"{prog}: {name!r}: expected LOCATION/QUANTITY, lower-case [a-z0-9_-]+",
-                  file=sys.stderr)
-            failed += 1
-            continue
-        path, sidecar = series_paths(rrd_dir, location, quantity)
-        if not path.exists():
-            print(f"{prog}: {name}: no {path}", file=sys.stderr)
-            failed += 1
-            continue
-        unit = str(read_sidecar(sidecar).get("unit", ""))
-        for period in args.period or list(PERIODS):
-            out = out_dir / f"{location}-{quantity}-{period}.png"
-            cmd = [exe, *graph_args(path, out, period, title=f"{location} / {quantity}",
-                                    unit=unit, width=args.width, height=args.height,
-                                    daemon=daemon)]
-            done = subprocess.run(cmd, capture_output=True, text=True,
-                                  env={**os.environ, "LC_ALL": "C.UTF-8"})
-            if done.returncode != 0 and daemon:
-                # rrdcached unreachable: draw what is on disk already
-                print(f"{prog}: {name}: via rrdcached failed ({done.stderr.strip()}); "
-                      "drawing from the file", file=sys.stderr)
-                cmd = [exe, *graph_args(path, out, period, title=f"{location} / {quantity}",
-                                        unit=unit, width=args.width, height=args.height,
-                                        daemon=None)]
-                done = subprocess.run(cmd, capture_output=True, text=True,
-                                      env={**os.environ, "LC_ALL": "C.UTF-8"})
-            if done.returncode != 0:
-                print(f"{prog}: {name} ({period}): rrdtool graph failed: "
-                      f"{done.stderr.strip()}", file=sys.stderr)
-                failed += 1
-                continue
-            print(out)
-    return 1 if failed else 0
-
-
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if "--graph" in args:
-        return graph_main(args)
+        from . import graph  # argparse and the drawing only for this command
+
+        return graph.main(args)
     return StoreRrd.main(args)
 
 
