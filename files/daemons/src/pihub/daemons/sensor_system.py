@@ -1,9 +1,14 @@
 """pihub-sensor-system: the Pi's own health, every ``interval`` seconds.
 
-The smallest real daemon, and the template for a new one: declare the config (``Config``: the
-validation, the errors and ``--print-config-example`` come from it), schedule the poll in
-``setup()``, and in the poll read and publish. A reading that fails is logged and counted
-(``errors``); the others are still sent. MQTT, metadata, signals and systemd are the library's.
+The smallest real daemon, and the template for a new one; it reads as its job does:
+
+* parse config: ``Config`` declares every key once (validation, errors naming the key,
+  ``--print-config-example``);
+* poll: ``setup()`` schedules ``read_all`` every ``interval``;
+* publish: each reading with ``publish_measurement``. A reading that fails is logged and counted
+  (``errors``); the others are still sent.
+
+MQTT, metadata events, signals and systemd are the library's (``pihub.daemon``).
 
 Publishes under ``<root>/data/<location>/<quantity>`` (location = host name by default):
 
