@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Broker, DaemonProcess, Observer, run_cli, wait_until, write_config
+from pihub.topics import Measurement, Reject, Topics, parse_measurement
 
 META_KEYS = {"event", "daemon", "host", "pid", "version", "ts", "uptime_s", "interval_s",
              "rss_kb", "counters"}
@@ -124,6 +125,44 @@ def test_unreadable_password_file_exits_78_naming_the_key(tmp_path):
     assert "mqtt.password_file" in run.stderr and "/nonexistent/pw" in run.stderr
 
 
+
+
+@pytest.mark.parametrize("topic, payload, why", [
+    ("pihub/data/lab/temp", b"not json", "payload on pihub/data/lab/temp is not JSON"),
+    ("pihub/data/lab/temp", b"\xff\xfe", "is not JSON"),
+    ("pihub/data/lab/temp", b"[1]", "must be a JSON object, got list"),
+    ("pihub/data/lab/temp", b'{"unit": "C", "ts": 1}', "'value' must be a number, got None"),
+    ("pihub/data/lab/temp", b'{"value": true, "unit": "C", "ts": 1}',
+     "'value' must be a number, got True"),
+    ("pihub/data/lab/temp", b'{"value": "21", "unit": "C", "ts": 1}',
+     "'value' must be a number, got '21'"),
+    ("pihub/data/lab/temp", b'{"value": -Infinity, "unit": "C", "ts": 1}',
+     "'value' must be finite, got -inf"),
+    ("pihub/data/lab/temp", b'{"value": 1, "unit": "", "ts": 1}',
+     "'unit' must be a non-empty string, got ''"),
+    ("pihub/data/lab/temp", b'{"value": 1, "unit": 5, "ts": 1}',
+     "'unit' must be a non-empty string, got 5"),
+    ("pihub/data/lab/temp", b'{"value": 1, "unit": "C", "ts": 0}',
+     "'ts' must be UNIX seconds (a number > 0), got 0"),
+    ("pihub/data/lab/temp", b'{"value": 1, "unit": "C", "ts": false}',
+     "'ts' must be UNIX seconds (a number > 0), got False"),
+    ("pihub/data/lab/temp", b'{"value": 1, "unit": "C", "ts": NaN}',
+     "'ts' must be UNIX seconds (a number > 0), got nan"),
+    ("pihub/data/Lab/temp", b'{"value": 1, "unit": "C", "ts": 1}',
+     "topic 'pihub/data/Lab/temp' does not match pihub/data/"),
+    ("pihub/notify/x", b'{"value": 1, "unit": "C", "ts": 1}', "is not under pihub/data/"),
+])
+def test_parse_measurement_says_what_is_wrong(topic, payload, why):
+    with pytest.raises(Reject) as err:
+        parse_measurement(Topics(), topic, payload)
+    assert why in str(err.value)
+
+
+def test_parse_measurement_returns_floats_and_keeps_extra_keys():
+    got = parse_measurement(Topics("hub"), "hub/data/lab/temp",
+                            '{"value": 21, "unit": "°C", "ts": 1700000000, "sensor": "x"}'.encode())
+    assert got == Measurement("lab", "temp", 21.0, "°C", 1700000000.0, {"sensor": "x"})
+    assert type(got.value) is float and type(got.ts) is float
 
 
 def _data_topic(root: str, loc: str = "lab", qty: str = "temp") -> str:

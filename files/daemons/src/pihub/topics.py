@@ -114,22 +114,33 @@ def measurement_payload(value: float | int | bool, unit: str, ts: float | None =
     return {**extra, "value": value, "unit": unit, "ts": round(when, 3)}
 
 
-def parse_measurement(topics: Topics, topic: str, payload: bytes) -> Measurement:
-    """Check topic and payload of a data message; raise Reject saying what is wrong."""
-    location, quantity = topics.split(topic, "data", 2)
-    data = decode_json(payload, topic)
-    if not isinstance(data, dict):
+def measurement_fields(data: Any, topic: str) -> tuple[float, str, float]:
+    """The ``value``, ``unit`` and ``ts`` of a decoded measurement payload; Reject if wrong.
+
+    The one place the payload rules are written. store-tsdb calls it for every message, so it
+    tests ``type(x) is`` (JSON makes no subclasses, and bool is not a number here) and returns
+    ``value`` as decoded (an int stays an int).
+    """
+    if type(data) is not dict:
         raise Reject(f"payload on {topic} must be a JSON object, got {type(data).__name__}")
     value = data.get("value")
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if type(value) is not float and type(value) is not int:
         raise Reject(f"payload on {topic}: 'value' must be a number, got {value!r}")
     if not math.isfinite(value):
         raise Reject(f"payload on {topic}: 'value' must be finite, got {value!r}")
     unit = data.get("unit")
-    if not isinstance(unit, str) or not unit:
+    if type(unit) is not str or not unit:
         raise Reject(f"payload on {topic}: 'unit' must be a non-empty string, got {unit!r}")
     ts = data.get("ts")
-    if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts) or ts <= 0:
+    if (type(ts) is not float and type(ts) is not int) or not math.isfinite(ts) or ts <= 0:
         raise Reject(f"payload on {topic}: 'ts' must be UNIX seconds (a number > 0), got {ts!r}")
+    return value, unit, ts
+
+
+def parse_measurement(topics: Topics, topic: str, payload: bytes) -> Measurement:
+    """Check topic and payload of a data message; raise Reject saying what is wrong."""
+    location, quantity = topics.split(topic, "data", 2)
+    data = decode_json(payload, topic)
+    value, unit, ts = measurement_fields(data, topic)
     extra = {k: v for k, v in data.items() if k not in ("value", "unit", "ts")}
     return Measurement(location, quantity, float(value), unit, float(ts), extra)

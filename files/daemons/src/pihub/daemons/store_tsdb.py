@@ -17,9 +17,11 @@ How nothing gets lost:
   or ``flush_interval`` seconds after the first one) and acknowledged to the broker only after
   their batch reached the DB or the spool; until then the broker keeps them (persistent session);
 * when the DB is down, slow (``timeout``) or answers 5xx/401/403/404/429, the batch goes to an
-  append-only spool on disk (``spool_dir``, bounded by ``spool_max_bytes``), and every later
-  batch goes behind it; the spool is replayed in order once the DB answers again
-  (probed every ``retry_interval`` seconds, backing off to ``retry_max``);
+  append-only spool on disk (:class:`PointSpool`, a :class:`pihub.durable.RecordLog` in
+  ``spool_dir``, bounded by ``spool_max_bytes``: fsync'd, checksummed, a torn tail cut off and
+  counted as ``errors``), and every later batch goes behind it; the spool is replayed in order
+  once the DB answers again (probed every ``retry_interval`` seconds, backing off to
+  ``retry_max``), at least once (a replayed write cut short is written again);
 * a 400/413/422 answer (bad data) is narrowed down by halving the batch to the point(s) the DB
   refuses; those are logged with the point and counted (``db_rejected``), the rest is written;
 * a retained message delivered again on every (re)subscribe is not written twice: the last ``ts``
@@ -32,21 +34,21 @@ Publishes only its own ``<root>/store-tsdb/status`` and ``meta``; the heartbeat 
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from math import isfinite
 from pathlib import Path
 from typing import Any
 
 from pihub.bus import Message, read_secret
 from pihub.config import BaseConfig, ConfigError, setting
 from pihub.daemon import Daemon, state_directory
-from pihub.topics import Reject
+from pihub.durable import Damage, RecordLog, StateError, atomic_write_json, read_json
+from pihub.topics import Reject, decode_json, measurement_fields
 
 DEFAULT_STATE_DIR = "/var/lib/pihub-store-tsdb"  # what state_directory() falls back to
 MAX_SERIES_CACHED = 10000
@@ -120,134 +122,59 @@ def _escape_tag(value: str) -> str:
             .replace(" ", "\\ "))
 
 
-class Spool:
-    """An append-only spool of line-protocol points in segment files, read back in order.
+class PointSpool(RecordLog):
+    """The batches of line-protocol points the DB did not take yet, replayed oldest first.
 
-    ``<dir>/spool/<seq>.lp`` hold one point per line; ``<dir>/spool/cursor`` says how far the
-    replay got (segment and byte offset). Used by the writer thread only.
+    A :class:`~pihub.durable.RecordLog` in ``<spool_dir>/points/``, one record per point, so a
+    replay can commit exactly the points the DB took. Used by the writer thread only.
+
+    Upgrade: versions before it spooled to ``<spool_dir>/spool/<seq>.lp`` (plain lines, unsynced)
+    with a ``cursor`` file "seq offset". Points found there are appended to this log at open
+    (past the size bound if need be: they were acknowledged already), then those files go.
+    A crash in between replays them twice, which the DB's dedup absorbs.
     """
 
-    def __init__(self, directory: Path, max_bytes: int) -> None:
-        self.dir = directory / "spool"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.max_bytes = max_bytes
-        self.segment_bytes = max(4096, min(4 << 20, max_bytes // 8))
-        self.cursor_file = self.dir / "cursor"
-        self.segments: list[int] = sorted(int(p.stem) for p in self.dir.glob("*.lp"))
-        self.read_seq, self.read_offset = self._load_cursor()
-        self.repaired = self._repair_tail()
-        self.size = self._measure()
+    def __init__(self, state_dir: Path, max_bytes: int,
+                 on_damage: Callable[[Damage], None]) -> None:
+        super().__init__(state_dir / "points", max_bytes, on_damage=on_damage)
+        self.adopted = self._adopt_old_spool(state_dir / "spool")
 
-    def _load_cursor(self) -> tuple[int, int]:
-        try:
-            seq, offset = self.cursor_file.read_text().split()
-            return int(seq), int(offset)
-        except FileNotFoundError:
-            return (self.segments[0] if self.segments else 0), 0
-        except ValueError as exc:
-            raise OSError(f"{self.cursor_file} is unreadable ({exc}); remove it to replay the "
-                          "whole spool") from exc
-
-    def _repair_tail(self) -> int:
-        """Cut a line torn by a crash at the end of the last segment; return the bytes cut."""
-        if not self.segments:
+    def _adopt_old_spool(self, old: Path) -> int:
+        """Append the points of the old spool format to this log; return how many."""
+        segments = sorted(old.glob("*.lp")) if old.is_dir() else []
+        if not segments:
+            if old.is_dir():
+                self._remove_old(old, [])
             return 0
-        path = self._path(self.segments[-1])
-        data = path.read_bytes()
-        if not data or data.endswith(b"\n"):
-            return 0
-        keep = data.rfind(b"\n") + 1
-        with open(path, "r+b") as fh:
-            fh.truncate(keep)
-        return len(data) - keep
+        cursor = old / "cursor"
+        seq, offset = int(segments[0].stem), 0
+        with contextlib.suppress(FileNotFoundError):
+            text = cursor.read_text()
+            try:
+                seq, offset = (int(x) for x in text.split())
+            except ValueError:
+                self._report(Damage(cursor, 0, len(text), "unreadable cursor of the old spool "
+                                    "format; replaying all of it"))
+        adopted = 0
+        for path in segments:
+            if int(path.stem) < seq:
+                continue  # replayed before the upgrade
+            data = path.read_bytes()[offset if int(path.stem) == seq else 0:]
+            keep = data.rfind(b"\n") + 1
+            if keep < len(data):
+                self._report(Damage(path, keep, len(data) - keep, "a point torn by a crash "
+                                    "(no end of line) in the old spool format", tail=True))
+            lines = [line for line in data[:keep].split(b"\n") if line]
+            self.append(lines, force=True)
+            adopted += len(lines)
+        self._remove_old(old, segments)
+        return adopted
 
-    def _measure(self) -> int:
-        # drop segments the cursor has passed (a crash between cursor and unlink)
-        while self.segments and self.segments[0] < self.read_seq:
-            self._path(self.segments.pop(0)).unlink(missing_ok=True)
-        if self.segments and self.segments[0] != self.read_seq:
-            self.read_seq, self.read_offset = self.segments[0], 0
-        total = sum(self._path(s).stat().st_size for s in self.segments)
-        return max(0, total - self.read_offset) if self.segments else 0
-
-    def _path(self, seq: int) -> Path:
-        return self.dir / f"{seq:012d}.lp"
-
-    @property
-    def empty(self) -> bool:
-        return self.size == 0
-
-    def append(self, lines: list[bytes]) -> bool:
-        """Append ``lines`` durably (fsync); False (nothing written) when they do not fit."""
-        data = b"\n".join(lines) + b"\n"
-        if self.size + len(data) > self.max_bytes:
-            return False
-        if not self.segments or self._path(self.segments[-1]).stat().st_size \
-                >= self.segment_bytes:
-            seq = self.segments[-1] + 1 if self.segments else 1
-            if not self.segments:
-                self.read_seq, self.read_offset = seq, 0
-            self.segments.append(seq)
-        fd = os.open(self._path(self.segments[-1]), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
-                     0o640)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self.size += len(data)
-        return True
-
-    def read(self, max_lines: int) -> list[bytes]:
-        """The oldest points not replayed yet (at most ``max_lines``, from one segment)."""
-        while self.segments:
-            path = self._path(self.read_seq)
-            with open(path, "rb") as fh:
-                fh.seek(self.read_offset)
-                lines = []
-                for raw in fh:
-                    if not raw.endswith(b"\n"):
-                        break  # cannot happen after _repair_tail; never read half a line
-                    lines.append(raw[:-1])
-                    if len(lines) >= max_lines:
-                        break
-            if lines:
-                return lines
-            if self.read_seq == self.segments[-1]:
-                return []
-            self._next_segment()
-        return []
-
-    def commit(self, lines: list[bytes]) -> None:
-        """Mark ``lines`` (a prefix of the last :meth:`read`) as stored."""
-        n = sum(len(line) + 1 for line in lines)
-        self.read_offset += n
-        self.size -= n
-        if self.size <= 0:
-            for seq in self.segments:
-                self._path(seq).unlink(missing_ok=True)
-            self.cursor_file.unlink(missing_ok=True)
-            self.segments, self.size = [], 0
-            self.read_seq, self.read_offset = 0, 0
-            return
-        if self.read_offset >= self._path(self.read_seq).stat().st_size \
-                and self.read_seq != self.segments[-1]:
-            self._next_segment()
-        else:
-            self._save_cursor()
-
-    def _next_segment(self) -> None:
-        done = self.segments.pop(0)
-        self.read_seq, self.read_offset = self.segments[0], 0
-        self._save_cursor()
-        self._path(done).unlink(missing_ok=True)
-
-    def _save_cursor(self) -> None:
-        tmp = self.cursor_file.with_suffix(".tmp")
-        tmp.write_text(f"{self.read_seq} {self.read_offset}\n")
-        tmp.replace(self.cursor_file)
+    def _remove_old(self, old: Path, segments: list[Path]) -> None:
+        for path in [*segments, old / "cursor", old / "cursor.tmp"]:
+            path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            old.rmdir()  # kept if anything else is in it
 
 
 # An entry waiting in the batch: line protocol, ack, topic, ts
@@ -267,7 +194,7 @@ class StoreTsdb(Daemon[Config]):
         self.token = read_secret(cfg.token_file, "token_file") if cfg.token_file else None
         self.state_dir = state_directory(self.name, cfg.spool_dir)
         try:
-            self.spool = Spool(self.state_dir, cfg.spool_max_bytes)
+            self.spool = PointSpool(self.state_dir, cfg.spool_max_bytes, self._spool_damaged)
         except OSError as exc:
             raise ConfigError("spool_dir", f"cannot use {self.state_dir}: {exc}") from exc
         self.state_file = self.state_dir / "last_ts.json"
@@ -304,10 +231,9 @@ class StoreTsdb(Daemon[Config]):
                                      timeout=int(cfg.timeout * 1000), retries=False,
                                      enable_gzip=False)
         self.write_api = self.client.write_api(write_options=SYNCHRONOUS)
-        if self.spool.repaired:
-            self.count("errors")
-            self.log.warning("spool: cut %d bytes of a point torn by a crash at the end of %s",
-                             self.spool.repaired, self.spool.dir)
+        if self.spool.adopted:
+            self.log.info("spool: took over %d point(s) from the spool format of an earlier "
+                          "version in %s", self.spool.adopted, self.state_dir / "spool")
         if not self.spool.empty:
             self.log.info("spool holds %d bytes from before; replaying them before new points",
                           self.spool.size)
@@ -335,15 +261,17 @@ class StoreTsdb(Daemon[Config]):
         return {"spool_bytes": self.spool.size, "pending": pending,
                 "db_available": self._db_available}
 
+    def _spool_damaged(self, damage: Damage) -> None:
+        """A damaged stretch of the spool (a crash or a bad card): skipped, logged, counted."""
+        self.count("errors")
+        self.log.warning("spool: %s; the points before and after it are kept", damage)
+
     def _load_state(self) -> dict[str, float]:
         try:
-            data = json.loads(self.state_file.read_text())
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:
+            data = read_json(self.state_file)
+        except StateError as exc:
             self.count("errors")
-            self.log.warning("%s unreadable (%s); retained messages may be stored twice once",
-                             self.state_file, exc)
+            self.log.warning("%s; retained messages may be stored twice once", exc)
             return {}
         if not isinstance(data, dict):
             return {}
@@ -355,10 +283,8 @@ class StoreTsdb(Daemon[Config]):
                 return
             snapshot = dict(self.stored_ts)
             self._state_dirty = False
-        tmp = self.state_file.with_suffix(".tmp")
         try:
-            tmp.write_text(json.dumps(snapshot, separators=(",", ":")))
-            tmp.replace(self.state_file)
+            atomic_write_json(self.state_file, snapshot)
         except OSError as exc:
             self.count("errors")
             self.log.error("cannot save %s: %s", self.state_file, exc)
@@ -370,8 +296,8 @@ class StoreTsdb(Daemon[Config]):
     def _on_message(self, msg: Message) -> None:
         """Check a data message and put it in the batch (paho's network thread).
 
-        The hot path: the same checks and messages as ``topics.parse_measurement``, with the
-        topic's parse (and its line-protocol prefix) cached per topic.
+        The hot path: ``topics.measurement_fields`` checks the payload, the topic's parse (and
+        its line-protocol prefix) is cached per topic.
         """
         topic = msg.topic
         prefix = self._prefixes.get(topic)
@@ -381,25 +307,7 @@ class StoreTsdb(Daemon[Config]):
             if len(self._prefixes) >= MAX_SERIES_CACHED:
                 self._prefixes.clear()
             self._prefixes[topic] = prefix
-        try:
-            data = json.loads(msg.payload)
-        except ValueError as exc:  # includes UnicodeDecodeError
-            raise Reject(f"payload on {topic} is not JSON ({exc}): {msg.payload[:80]!r}") \
-                from None
-        if type(data) is not dict:
-            raise Reject(f"payload on {topic} must be a JSON object, got {type(data).__name__}")
-        value = data.get("value")
-        if type(value) is not float and type(value) is not int:  # JSON: no subclasses but bool
-            raise Reject(f"payload on {topic}: 'value' must be a number, got {value!r}")
-        if not isfinite(value):
-            raise Reject(f"payload on {topic}: 'value' must be finite, got {value!r}")
-        unit = data.get("unit")
-        if type(unit) is not str or not unit:
-            raise Reject(f"payload on {topic}: 'unit' must be a non-empty string, got {unit!r}")
-        ts = data.get("ts")
-        if (type(ts) is not float and type(ts) is not int) or not isfinite(ts) or ts <= 0:
-            raise Reject(f"payload on {topic}: 'ts' must be UNIX seconds (a number > 0), "
-                         f"got {ts!r}")
+        value, _unit, ts = measurement_fields(decode_json(msg.payload, topic), topic)
         if ts > time.time() + self.config.max_ts_ahead:
             raise Reject(f"payload on {topic}: 'ts' {ts!r} is more than "
                          f"{self.config.max_ts_ahead:g} s ahead of this host's clock "
@@ -536,7 +444,7 @@ class StoreTsdb(Daemon[Config]):
         rest = self._write(texts)
         done = len(lines) - len(rest)
         if done:
-            self.spool.commit(lines[:done])
+            self.spool.commit(done)
             self.count("replayed", done)
         if rest:
             self._db_failed()
