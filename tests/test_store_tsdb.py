@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from conftest import DaemonProcess, Observer, run_cli, wait_until, write_config
+from pihub.durable import frame
 from store_tsdb_helpers import InfluxFront, VictoriaMetrics
 
 HOST = socket.gethostname()
@@ -331,3 +332,55 @@ def test_state_file_keeps_the_last_stored_ts_per_topic(vm, store, observe, topic
     assert d.stop() == 0
     state = json.loads((tmp_path / "state" / "last_ts.json").read_text())
     assert state == {f"{topic_root}/data/den/temperature": 1700000002.0}
+
+
+def test_a_spool_with_a_torn_tail_counts_an_error_and_stores_every_point_before_it(
+        vm, store, observe, topic_root, tmp_path):
+    obs = observe(f"{topic_root}/store-tsdb/#")
+    d = store(vm.url)
+    heartbeat(obs, topic_root, lambda m: m["event"] == "heartbeat")
+    vm.stop()
+    start = time.time() - 600
+    expected = publish_series(obs, topic_root, "attic", "temperature", 20, start)
+    heartbeat(obs, topic_root, counter("spooled", 20))
+    assert d.stop() == 0
+    # a power cut in the middle of the next append: half a record at the end of the segment
+    segment = sorted((tmp_path / "state" / "points").glob("*.rec"))[-1]
+    torn = frame(f"temperature,location=attic,host={HOST} value=1.0 "
+                 f"{round((start + 20) * 1000)}".encode())
+    with open(segment, "ab") as fh:
+        fh.write(torn[:len(torn) // 2])
+    vm.start()
+    d2 = store(vm.url)
+    assert stored(vm, "temperature", "attic", 20) == expected
+    meta = heartbeat(obs, topic_root, lambda m: m["pid"] == d2.pid
+                     and m["counters"]["replayed"] == 20 and m["spool_bytes"] == 0)
+    assert meta["counters"]["errors"] == 1
+    assert f"cut off a torn tail of {len(torn) // 2} byte(s)" in d2.output()
+    assert len(vm.export("temperature_value")[("attic", HOST)]) == 20
+
+
+def test_a_spool_in_the_format_of_an_earlier_version_is_replayed_after_the_upgrade(
+        vm, store, observe, topic_root, tmp_path):
+    """<spool_dir>/spool/<seq>.lp and its cursor "seq offset": the points not replayed go on."""
+    old = tmp_path / "state" / "spool"
+    old.mkdir(parents=True)
+    start = int(time.time()) - 3600
+    points = [(1000 * (start + i), 20 + i / 4) for i in range(30)]
+    lines = [f"temperature,location=cellar,host={HOST} value={v!r} {ts}".encode()
+             for ts, v in points]
+    first = b"".join(line + b"\n" for line in lines[:10])
+    (old / "000000000001.lp").write_bytes(first)
+    (old / "000000000002.lp").write_bytes(b"".join(line + b"\n" for line in lines[10:])
+                                          + b"temperature,location=cel")  # torn by a crash
+    replayed_before = sum(len(line) + 1 for line in lines[:3])
+    (old / "cursor").write_text(f"1 {replayed_before}\n")
+    obs = observe(f"{topic_root}/store-tsdb/#")
+    d = store(vm.url)
+    assert stored(vm, "temperature", "cellar", 27) == points[3:]
+    meta = heartbeat(obs, topic_root, lambda m: m["spool_bytes"] == 0
+                     and m["counters"]["replayed"] == 27)
+    assert meta["counters"]["errors"] == 1  # the torn line
+    assert "took over 27 point(s) from the spool format of an earlier version" in d.output()
+    assert not old.exists()
+    assert len(vm.export("temperature_value")[("cellar", HOST)]) == 27
