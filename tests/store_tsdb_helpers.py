@@ -1,6 +1,6 @@
 """A real VictoriaMetrics per test, and an InfluxDB-like front that can refuse points.
 
-Used by tests/test_store_tsdb.py and bench/store_throughput/tsdb.py.
+Used by tests/test_store_tsdb.py (the benchmark has its own VictoriaMetrics, in bench/).
 """
 
 from __future__ import annotations

@@ -30,12 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from common import cpu_seconds, start_daemon, start_mosquitto, status_kb, stop_daemon, wait_until
 from paho.mqtt.enums import CallbackAPIVersion
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests"))
-from common import cpu_seconds, start_daemon, start_mosquitto, status_kb, stop_daemon  # noqa: E402
-from conftest import wait_until  # noqa: E402
 
 SERIES = 50
 MAX_N = 1_000_000

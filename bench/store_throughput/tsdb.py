@@ -34,12 +34,15 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from common import (
+    VictoriaMetrics,
+    cpu_seconds,
+    start_daemon,
+    start_mosquitto,
+    status_kb,
+    stop_daemon,
+)
 from paho.mqtt.enums import CallbackAPIVersion
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests"))
-from common import cpu_seconds, start_daemon, start_mosquitto, status_kb, stop_daemon  # noqa: E402
-from store_tsdb_helpers import VictoriaMetrics  # noqa: E402
 
 SERIES = 100
 MAX_N = 1_000_000
