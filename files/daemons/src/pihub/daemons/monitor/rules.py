@@ -101,8 +101,7 @@ class Rules:
 
     def restore(self, name: str, restored: Restored) -> None:
         """A previous monitor's record of rule ``name``; used once, by :meth:`settle`."""
-        if not self.settled:
-            self._restored[name] = restored
+        self._restored[name] = restored
 
     def settle(self, now: float) -> list[Alarm]:
         """Start-up is over: take a previous monitor's firing series, then judge the values
