@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -15,7 +16,14 @@ import pytest
 import yaml
 from conftest import DaemonProcess, Observer, free_port, run_cli, wait_until
 from notify_pushover_helpers import RECEIVER, FakePushover, pushover_key
-from pihub.daemons.notify_pushover import MAX_MESSAGE, parse_request, wait_from_headers
+from pihub.daemons import notify_pushover
+from pihub.daemons.notify_pushover import (
+    MAX_MESSAGE,
+    Request,
+    RequestQueue,
+    parse_request,
+    wait_from_headers,
+)
 from pihub.topics import Reject
 
 MODULE = "notify_pushover"
@@ -329,6 +337,43 @@ def test_unreadable_queue_file_is_moved_aside(start_notifier, observe, topic_roo
     assert messages_sent(pushover) == ["left from before"]
     assert (queue / "000000000007.json.bad").exists()
     assert "000000000007.json is unreadable" in d.output()
+
+
+def test_a_queue_left_by_an_earlier_version_is_sent_in_order_and_numbering_goes_on(
+        start_notifier, observe, topic_root, pushover, tmp_path):
+    """The queue's format is unchanged: <seq>.json files, and a .tmp a crash left behind."""
+    queue = tmp_path / "queue"
+    queue.mkdir()
+    for seq in (3, 12, 5):
+        record = {"seq": seq, "topic": f"{topic_root}/notify/monitor", "title": "old",
+                  "message": f"left from before {seq}", "priority": 0, "ts": 1718000000.0}
+        (queue / f"{seq:012d}.json").write_text(json.dumps(record))
+    (queue / ".000000000013.json.tmp").write_text('{"seq": 13, "mess')  # never acknowledged
+    obs = observe()
+    d = start_notifier()
+    wait_until(lambda: len(pushover.accepted()) == 3, 20, "the three queued requests sent")
+    assert messages_sent(pushover) == [f"left from before {seq}" for seq in (3, 5, 12)]
+    assert "3 request(s) left from the last run" in d.output()
+    obs.publish(f"{topic_root}/notify/monitor", request("new"))
+    d.wait_log("sent #13 'pihub'", timeout=20)
+    assert messages_sent(pushover)[-1] == "new"
+    wait_until(lambda: not list(queue.iterdir()), 10, "an empty queue directory")
+
+
+def test_a_queued_request_is_a_private_file_and_its_removal_is_synced(tmp_path, monkeypatch):
+    queue = RequestQueue(tmp_path)
+    assert queue.load() == []
+    item = Request(queue.next_seq(), "pihub/notify/x", "message", None, 1, 1718000000.0)
+    assert queue.put(item, max_items=10) == ([], None)
+    path = tmp_path / "000000000001.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert json.loads(path.read_text()) == item.record()
+    synced: list[Path] = []
+    monkeypatch.setattr(notify_pushover, "fsync_directory", synced.append)
+    queue.remove(item)
+    assert not path.exists() and synced == [tmp_path]
+    again = RequestQueue(tmp_path)
+    assert again.load() == [] and again.items() == []
 
 
 # --------------------------------------------------------------------------- contract

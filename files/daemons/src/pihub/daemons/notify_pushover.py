@@ -12,10 +12,11 @@ as the message's time) may be left out; other keys are ignored. A request that b
 rejected (logged, counted ``rejected``). A retained message is rejected too: it would be sent
 again at every restart.
 
-Every accepted request is written to an on-disk queue (one fsync'd file per request under
-``queue_dir``) before its MQTT message is acknowledged, and a timer in the main thread POSTs the
-queue, oldest first, to ``<base_url>/1/messages.json`` (form fields token, user, message, title,
-priority, timestamp; retry and expire for emergency priority 2):
+Every accepted request is written to an on-disk queue (:class:`RequestQueue`, one file per
+request under ``queue_dir``, written with :func:`pihub.durable.atomic_write`) before its MQTT
+message is acknowledged, and a timer in the main thread POSTs the queue, oldest first, to
+``<base_url>/1/messages.json`` (form fields token, user, message, title, priority, timestamp;
+retry and expire for emergency priority 2):
 
 * HTTP 200 with ``{"status": 1, ...}``: sent, removed from the queue (``sent``);
 * network error, timeout, 5xx or an unexpected answer: kept, tried again after an exponential
@@ -36,7 +37,6 @@ import contextlib
 import email.utils
 import json
 import math
-import os
 import sys
 import threading
 import time
@@ -50,6 +50,7 @@ from pihub import __version__
 from pihub.bus import Message, read_secret
 from pihub.config import BaseConfig, ConfigError, setting
 from pihub.daemon import Daemon, state_directory
+from pihub.durable import StateError, atomic_write, fsync_directory, read_json
 from pihub.topics import Reject
 
 #: Pushover's limits on one message (characters), see its API documentation.
@@ -190,10 +191,17 @@ def clip(text: str, limit: int) -> str:
 # --------------------------------------------------------------------------- on-disk queue
 
 
-class Spool:
-    """Requests waiting to be sent: one fsync'd JSON file each, named by sequence number.
+class RequestQueue:
+    """Requests waiting to be sent: one JSON file each, ``<queue_dir>/<seq>.json``.
 
     Thread-safe: the MQTT thread appends, the main thread reads the head and removes it.
+
+    A file per request (:func:`pihub.durable.atomic_write`: whole or absent after a power cut),
+    not a :class:`pihub.durable.RecordLog`: a few requests a day, each with its own fate (sent,
+    dropped as refused or on overflow, kept for a retry), so removing one is an unlink (the
+    directory fsync'd, so a sent request does not come back) with no compaction, an unreadable
+    file costs that request only, and an operator can read or delete the queue with ``ls`` and
+    ``cat``. The format is the one earlier versions wrote, so a queue left by them is sent.
     """
 
     def __init__(self, directory: Path) -> None:
@@ -208,8 +216,10 @@ class Spool:
         items = []
         for path in sorted(self.dir.glob("*.json")):
             try:
-                items.append(Request.from_record(json.loads(path.read_text(encoding="utf-8"))))
-            except (OSError, ValueError, KeyError, TypeError) as exc:
+                items.append(Request.from_record(read_json(path)))
+            except StateError as exc:
+                bad.append((path, str(exc).removeprefix(f"{path}: ")))
+            except (ValueError, KeyError, TypeError) as exc:
                 bad.append((path, f"{type(exc).__name__}: {exc}"))
         for path in self.dir.glob(".*.tmp"):  # a write cut short by a crash: never acked
             with contextlib.suppress(OSError):
@@ -232,40 +242,30 @@ class Spool:
         """
         error: OSError | None = None
         try:
-            self._write(item)
+            atomic_write(self._path(item), json.dumps(item.record(), ensure_ascii=False), 0o600)
         except OSError as exc:
             error = exc
         with self._lock:
             self._items.append(item)
             dropped = self._items[: max(0, len(self._items) - max_items)]
             del self._items[: len(dropped)]
-        for old in dropped:
-            self._unlink(old)
+        if dropped:
+            for old in dropped:
+                self._unlink(old)
+            self._sync()
         return dropped, error
 
     def _path(self, item: Request) -> Path:
         return self.dir / f"{item.seq:012d}.json"
 
-    def _write(self, item: Request) -> None:
-        final = self._path(item)
-        tmp = self.dir / f".{final.name}.tmp"
-        data = json.dumps(item.record(), ensure_ascii=False).encode("utf-8")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
-        dfd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
     def _unlink(self, item: Request) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._path(item).unlink()
+
+    def _sync(self) -> None:
+        """Make removals durable: a request sent must not come back after a power cut."""
+        with contextlib.suppress(OSError):
+            fsync_directory(self.dir)
 
     def head(self) -> Request | None:
         with self._lock:
@@ -276,6 +276,7 @@ class Spool:
             if item in self._items:
                 self._items.remove(item)
         self._unlink(item)
+        self._sync()
 
     def items(self) -> list[Request]:
         with self._lock:
@@ -340,7 +341,7 @@ class PushoverNotifier(Daemon[Config]):
         except OSError as exc:
             raise ConfigError("queue_dir", f"{self.queue_dir} is not a writable directory: "
                                            f"{exc.strerror or exc}") from exc
-        self.spool = Spool(self.queue_dir)
+        self.queue = RequestQueue(self.queue_dir)
         self._lock = threading.Lock()  # guards _recent (MQTT thread) and the config on reload
         self._recent: dict[tuple[str | None, str, int], float] = {}
         # sender state: main thread only
@@ -368,13 +369,13 @@ class PushoverNotifier(Daemon[Config]):
     # ------------------------------------------------------------------ lifecycle
 
     def setup(self) -> None:
-        for path, why in self.spool.load():
+        for path, why in self.queue.load():
             self.count("errors")
             self.log.error("queue file %s is unreadable (%s); moved aside as %s.bad",
                            path, why, path.name)
             with contextlib.suppress(OSError):
                 path.rename(path.with_name(path.name + ".bad"))
-        pending = self.spool.items()
+        pending = self.queue.items()
         now = time.monotonic()
         for item in pending:  # a restart does not re-open the dedupe window
             self._recent.setdefault(item.key, now)
@@ -391,14 +392,14 @@ class PushoverNotifier(Daemon[Config]):
         self.every(self.config.send_interval, self.send_pending, name="send")
 
     def shutdown(self) -> None:
-        left = len(self.spool)
+        left = len(self.queue)
         if left:
             self.log.info("%d request(s) not sent yet stay queued in %s", left, self.queue_dir)
         if self._session is not None:
             self._session.close()
 
     def heartbeat_extra(self) -> dict[str, Any]:
-        return {"queued": len(self.spool), "quota_remaining": self._quota_remaining}
+        return {"queued": len(self.queue), "quota_remaining": self._quota_remaining}
 
     def reload(self, new: Config, changed: set[str]) -> set[str]:
         applied = changed & {"base_url", "default_priority", "emergency_retry",
@@ -446,8 +447,8 @@ class PushoverNotifier(Daemon[Config]):
                 return
             if window > 0:
                 self._recent[key] = now
-        item = Request(self.spool.next_seq(), msg.topic, message, title, priority, ts)
-        dropped, error = self.spool.put(item, config.max_queue)
+        item = Request(self.queue.next_seq(), msg.topic, message, title, priority, ts)
+        dropped, error = self.queue.put(item, config.max_queue)
         if error is not None:
             self.count("errors")
             self.log.error("cannot write %s to the queue in %s (%s); kept in memory only",
@@ -467,7 +468,7 @@ class PushoverNotifier(Daemon[Config]):
             now = time.monotonic()
             if now < self._hold_until or now - started > SEND_BUDGET_S:
                 return
-            item = self.spool.head()
+            item = self.queue.head()
             if item is None:
                 return
             self._send(item)
@@ -503,7 +504,7 @@ class PushoverNotifier(Daemon[Config]):
             except ValueError:
                 body = None
             if isinstance(body, dict) and body.get("status") == 1:
-                self.spool.remove(item)
+                self.queue.remove(item)
                 self._failures = 0
                 self.count("sent")
                 self.log.info("sent %s, priority %d (Pushover request %s)", item.describe(),
@@ -519,9 +520,9 @@ class PushoverNotifier(Daemon[Config]):
             self.count("quota_waits")
             self.log.warning("Pushover says over quota (HTTP 429: %s); holding %d queued "
                              "request(s) for %.0f s (%s)", pushover_errors(response),
-                             len(self.spool), wait, source)
+                             len(self.queue), wait, source)
         elif 400 <= status < 500:
-            self.spool.remove(item)
+            self.queue.remove(item)
             self._failures = 0
             self.count("failed")
             self.count("errors")
