@@ -1,4 +1,11 @@
-"""pihub-monitor against a real Mosquitto, real daemons and hand-published meta/status/data."""
+"""pihub-monitor against a real Mosquitto, real daemons and hand-published meta/status/data.
+
+These prove the MQTT glue: what the monitor hears, what it publishes, when it judges. Every
+flapping, threshold, deadline and restore case is proved on a fake clock, without a broker, in
+test_monitor_logic.py; so a test here does not wait for mistakes to show. It does not have to: in
+one check the monitor sends its notifications before the records and the summary that follow from
+them, so a notification that should not be there precedes the record a test waits for.
+"""
 
 from __future__ import annotations
 
@@ -45,14 +52,6 @@ def wait_record(obs: Observer, root: str, daemon: str, timeout: float = WAIT,
                                                           for k, v in match.items()),
                         timeout=timeout)
     return seen[0].json()  # type: ignore[no-any-return]
-
-
-def wait_monitor_beats(obs: Observer, root: str, count: int = 3) -> None:
-    """Let the monitor run ``count`` more heartbeats (1 s each): time for mistakes to show."""
-    since = time.time()
-    obs.wait_for(f"{root}/monitor/meta",
-                 lambda m: m.at > since and m.json()["event"] == "heartbeat",
-                 timeout=WAIT, count=count)
 
 
 def monitor_at(start_daemon: Any, **config: Any) -> DaemonProcess:
@@ -113,8 +112,14 @@ def test_killed_daemon_is_notified_down_after_its_last_will(start_daemon, observ
     assert down["priority"] == 1 and down["previous"] == "up"
     assert isinstance(down["since"], float) and isinstance(down["ts"], float)
     assert "sensor-system" in down["title"] and down["host"] in down["message"]
-    wait_monitor_beats(obs, topic_root, 4)  # past the heartbeat deadline too
+    wait_record(obs, topic_root, "sensor-system", state="down", transitions=1, notifications=1)
     assert len(notes(obs, topic_root)) == 1, notes(obs, topic_root)
+    # requests are not retained: a late subscriber gets the retained summary, no request (the
+    # broker sends a filter's retained messages right after its SUBACK, notify/# first)
+    late = observe(f"{topic_root}/notify/#", f"{topic_root}/monitor/summary")
+    late.wait_for(f"{topic_root}/monitor/summary", lambda m: m.retain)
+    assert late.messages(f"{topic_root}/notify/#") == []
+    # not repeated once the heartbeat deadline passes too: test_monitor_logic.py
 
 
 def test_daemon_whose_heartbeats_stop_is_down_after_two_and_a_half_intervals(
@@ -179,8 +184,7 @@ def test_monitor_start_with_retained_state_sends_no_up_notifications(
                            lambda m: m.json()["counts"]["up"] == 4)[0].json()
     assert set(summary["daemons"]) == {"sensor-system", "store-rrd", "display-bikes",
                                        "notify-pushover"}
-    wait_monitor_beats(obs, topic_root, 3)
-    assert notes(obs, topic_root) == []
+    assert notes(obs, topic_root) == []  # they would precede the summary of that first view
 
 
 def test_retained_heartbeat_of_a_long_dead_daemon_is_notified_down_once(
@@ -194,7 +198,7 @@ def test_retained_heartbeat_of_a_long_dead_daemon_is_notified_down_once(
     assert note.at - listening >= 2.5, "the deadline runs from when the monitor listens"
     down = note.json()
     assert "no heartbeat for 6" in down["reason"] and down["host"] == "fakehost"
-    wait_monitor_beats(obs, topic_root, 3)
+    wait_record(obs, topic_root, "store-rrd", state="down", transitions=1, notifications=1)
     assert len(notes(obs, topic_root)) == 1
 
 
@@ -209,8 +213,9 @@ def test_retained_clean_stop_is_recorded_as_stopped_without_notification(
     assert wait_record(obs, topic_root, "store-rrd")["state"] == "stopped"
     bikes = wait_record(obs, topic_root, "display-bikes")
     assert bikes["state"] == "down" and "Last Will" in bikes["reason"]
-    wait_note(obs, topic_root, daemon="display-bikes", state="down")
-    wait_monitor_beats(obs, topic_root, 3)
+    down = wait_note(obs, topic_root, daemon="display-bikes", state="down")[0].json()
+    # a retained offline was not witnessed: down since its last heartbeat, an hour ago
+    assert down["since"] == bikes["last_heartbeat"] < time.time() - 3000
     assert notes(obs, topic_root, daemon="store-rrd") == []
 
 
@@ -225,7 +230,8 @@ def test_restarted_monitor_does_not_repeat_a_down_it_already_reported(
     obs.clear()
     monitor_at(start_daemon)
     obs.wait_for(f"{topic_root}/monitor/summary", lambda m: m.json()["counts"]["down"] == 1)
-    wait_monitor_beats(obs, topic_root, 3)
+    record = wait_record(obs, topic_root, "store-rrd", state="down")
+    assert record["transitions"] == 1 and record["notifications"] == 1  # carried on
     assert notes(obs, topic_root) == []
 
 
@@ -250,14 +256,13 @@ def test_flapping_daemon_gives_one_notification_per_window(start_daemon, observe
         flip(status, n)
     assert len(notes(obs, topic_root)) == 1  # the window is still open: all held
     summary = wait_note(obs, topic_root, daemon="display-bikes", flapping=4)[0].json()
-    assert summary["state"] == "down" and "4 more time(s)" in summary["message"]
-    # still flapping: the next window again gives one summary, with the final state
-    flip("online", 6)
-    flip("offline", 7)
-    flip("online", 8)
-    last = wait_note(obs, topic_root, daemon="display-bikes", flapping=3)[0].json()
-    assert last["state"] == "up"
-    assert len(notes(obs, topic_root)) == 3
+    assert summary["state"] == "down" and "4 more time(s) within 8 s" in summary["message"]
+    assert summary["priority"] == 1 and summary["previous"] is None
+    record = wait_record(obs, topic_root, "display-bikes", flapping=True)
+    assert record["held"] == 4 and record["notifications"] == 2
+    assert len(notes(obs, topic_root)) == 2
+    # one summary per window while it keeps flapping, with the final state, and every other
+    # window case: test_monitor_logic.py
 
 
 def test_malformed_meta_and_status_are_rejected_and_counted(start_daemon, observe,
@@ -299,6 +304,10 @@ def test_summary_is_retained_and_lists_every_daemon_but_the_monitor(
                            lambda m: m.retain)[0].json()
     assert record["interval_s"] == 1 and record["deadline_s"] == 2.5
     assert record["counters"]["published"] > 0 and record["last_heartbeat"] > 0
+    beat = obs.wait_for(f"{topic_root}/monitor/meta",
+                        lambda m: m.json()["daemons"]["stopped"] == 1)[0].json()
+    assert beat["daemons"] == {"up": 1, "down": 0, "stopped": 1, "unknown": 0}
+    assert beat["rules_firing"] == 0
 
 
 def test_broker_restart_does_not_make_the_monitor_report_daemons_down(
@@ -317,9 +326,12 @@ def test_broker_restart_does_not_make_the_monitor_report_daemons_down(
     wait_until(lambda: monitor.output().count("connected to") >= 2, WAIT,
                "the monitor to reconnect")
     fresh = observe(f"{topic_root}/#")
-    fresh.wait_for(f"{topic_root}/sensor-system/meta", lambda m: not m.retain, timeout=30)
-    wait_monitor_beats(fresh, topic_root, 3)
-    record = wait_record(fresh, topic_root, "sensor-system")
+    live = fresh.wait_for(f"{topic_root}/sensor-system/meta", lambda m: not m.retain,
+                          timeout=30)[0].json()
+    # the first record that knows this heartbeat: a down and up would have come before it
+    record = fresh.wait_for(
+        f"{topic_root}/monitor/daemons/sensor-system",
+        lambda m: m.json()["last_heartbeat"] >= live["ts"] - 0.01)[0].json()
     assert record["state"] == "up" and record["transitions"] == 0
     assert notes(fresh, topic_root) == []
 
@@ -391,9 +403,9 @@ def test_value_beyond_the_limit_for_less_than_for_s_is_not_notified(
     obs.publish(data, measurement(90), retain=True)
     series_state(obs, topic_root, "wet", data, state="pending")
     obs.publish(data, measurement(60), retain=True)
-    series_state(obs, topic_root, "wet", data, state="ok")
-    wait_monitor_beats(obs, topic_root, 4)
+    series_state(obs, topic_root, "wet", data, state="ok", value=60)
     assert notes(obs, topic_root) == []
+    # and no firing later from the cancelled crossing: test_monitor_logic.py
 
 
 def test_wildcard_rule_keeps_one_state_per_series(start_daemon, observe, topic_root) -> None:
@@ -435,7 +447,7 @@ def test_firing_rule_is_not_repeated_by_a_restarted_monitor(start_daemon, observ
     monitor_at(start_daemon, rules=[rule])
     obs.wait_for(f"{topic_root}/monitor/summary",
                  lambda m: m.json()["rules_firing"] == {"wet": [data]})
-    wait_monitor_beats(obs, topic_root, 3)
+    series_state(obs, topic_root, "wet", data, state="firing", value=90)
     assert notes(obs, topic_root) == []
     obs.publish(data, measurement(50), retain=True)
     wait_note(obs, topic_root, rule="wet", state="cleared")
