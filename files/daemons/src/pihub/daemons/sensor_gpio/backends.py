@@ -14,12 +14,12 @@ its own); they only get the pin number and must return quickly.
 
 from __future__ import annotations
 
-import json
-import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Protocol
+
+from pihub.durable import atomic_write_json
 
 Pull = Literal["up", "down", "none"]
 EdgeCallback = Callable[[int], None]
@@ -180,9 +180,7 @@ class SimulatedBackend:
                      for p in sorted(self._modes)},
             "cleaned_up": self.cleaned_up,
         }
-        tmp = self._state_file.with_name(self._state_file.name + ".tmp")
-        tmp.write_text(json.dumps(state, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, self._state_file)
+        atomic_write_json(self._state_file, state, mode=0o644)  # whole after a crash
 
 
 def make_backend(kind: str, state_file: str | None = None) -> Backend:

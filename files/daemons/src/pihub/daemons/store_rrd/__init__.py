@@ -48,6 +48,7 @@ from typing import Any
 from pihub.bus import Message
 from pihub.config import BaseConfig, ConfigError, setting
 from pihub.daemon import Daemon
+from pihub.durable import atomic_write
 from pihub.topics import Measurement
 
 STEP = 60
@@ -276,10 +277,8 @@ def create_args(path: Path, start: int, heartbeat: int) -> list[str]:
 
 
 def write_sidecar(path: Path, info: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(info, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    os.chmod(tmp, 0o664)
-    os.replace(tmp, path)
+    # whole after a crash; group-writable like the series, through the daemon's umask 002
+    atomic_write(path, json.dumps(info, ensure_ascii=False, indent=1) + "\n", mode=0o664)
 
 
 def read_sidecar(path: Path) -> dict[str, Any]:
