@@ -56,9 +56,16 @@ lint-ansible: ## ansible-lint (production profile) and yamllint on roles, playbo
 image: ## Build the stand-in Pi image (debootstrap, cached by the build script's hash)
 	images/standin/build.sh $(STANDIN_IMAGE)
 
+# Molecule installs this copy of files/daemons, taken once at the start, so that converge,
+# idempotence and verify see the same code while the working tree is being edited.
+MOLECULE_PACKAGE_SOURCE ?= .cache/molecule-package-source
 .PHONY: molecule
 molecule: image ## Molecule: create, converge, idempotence, verify, destroy on the stand-in
-	molecule test
+	rm -rf $(MOLECULE_PACKAGE_SOURCE) && mkdir -p $(MOLECULE_PACKAGE_SOURCE)
+	tar -C files/daemons --exclude=__pycache__ --exclude=*.egg-info --exclude=build \
+	  --exclude=.mypy_cache --exclude=.ruff_cache --exclude=.pytest_cache -cf - . \
+	  | tar -C $(MOLECULE_PACKAGE_SOURCE) -xf -
+	PIHUB_MOLECULE_PACKAGE_SOURCE=$(abspath $(MOLECULE_PACKAGE_SOURCE)) molecule test
 
 .PHONY: demo
 demo: ## Stand-in Pi provisioned by playbooks/site.yml, then 60 s of live heartbeats
