@@ -17,16 +17,17 @@ images/standin/run.sh "$container" "$image"
 
 # The daemons' outside world on 127.0.0.1, as in Molecule: the stand-in fixtures (a GBFS feed, a
 # departures board, a Pushover receiver, a fake 1-wire bus) installed by Molecule's prepare.yml,
-# and the inventory pointed at them (inventory/standin/loopback.yml); nothing leaves the machine.
+# and the example's daemons pointed at them, GPIO simulated (inventory/standin/overrides.yml, by
+# name: pihub_daemon_overrides); nothing leaves the machine.
 inventory=(-i inventory/example -i inventory/demo --limit "$container")
-loopback=(-e @inventory/standin/loopback.yml)
+overrides=(-e @inventory/standin/overrides.yml)
 echo "==> installing the stand-in fixtures in $container (molecule/default/prepare.yml)" >&2
-ansible-playbook "${inventory[@]}" "${loopback[@]}" molecule/default/prepare.yml
+ansible-playbook "${inventory[@]}" "${overrides[@]}" molecule/default/prepare.yml
 
 echo "==> provisioning $container with playbooks/site.yml" >&2
 start=$(date +%s)
 ansible-playbook "${inventory[@]}" \
-  -e @inventory/example/group_vars/pihub/vault.yml.example "${loopback[@]}" \
+  -e @inventory/example/group_vars/pihub/vault.yml.example "${overrides[@]}" \
   -e "{\"pihub_heartbeat_interval\": $heartbeat}" playbooks/site.yml
 echo "==> provisioned in $(($(date +%s) - start)) s" >&2
 

@@ -1,0 +1,123 @@
+"""The roles' checked variables (roles/*/meta/argument_specs.yml), through playbooks/site.yml.
+
+Each test runs the real playbook against localhost with the example inventory's group_vars and a
+tag no task has, so only what runs whatever the tags runs: the pihub role's checks at the start
+of the play and each role's check of its variables. Nothing on this machine changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "inventory" / "example"
+VAULT = EXAMPLE / "group_vars" / "pihub" / "vault.yml.example"
+STANDIN = REPO / "inventory" / "standin" / "overrides.yml"
+
+
+def example_daemons() -> list[dict[str, Any]]:
+    data = yaml.safe_load((EXAMPLE / "group_vars" / "pihub" / "main.yml").read_text())
+    return list(data["pihub_daemons"])
+
+
+def checks(tmp_path: Path, extra_vars: dict[str, Any] | None = None,
+           *var_files: Path) -> subprocess.CompletedProcess[str]:
+    """Run playbooks/site.yml's checks on localhost as the host of the example inventory."""
+    playbook = shutil.which("ansible-playbook")
+    assert playbook, "ansible-playbook is not installed (make dev)"
+    inventory = tmp_path / "inventory"
+    inventory.mkdir()
+    (inventory / "hosts.yml").write_text(
+        "pihub:\n  hosts:\n    localhost:\n      ansible_connection: local\n")
+    (inventory / "group_vars").symlink_to(EXAMPLE / "group_vars")
+    args = [playbook, "-i", str(inventory), str(REPO / "playbooks" / "site.yml"),
+            "--tags", "no-task-has-this-tag", "-e", f"@{VAULT}",
+            # no sudo for checks that change nothing
+            "-e", "ansible_become=false"]
+    for path in var_files:
+        args += ["-e", f"@{path}"]
+    if extra_vars is not None:
+        path = tmp_path / "extra-vars.json"
+        path.write_text(json.dumps(extra_vars))
+        args += ["-e", f"@{path}"]
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "ANSIBLE_GATHERING": "explicit"})
+
+
+def refused(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    """The play failed, and its output names every word."""
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out
+    for word in words:
+        assert word in out, f"{word!r} not in:\n{out}"
+
+
+def test_example_inventory_passes_every_roles_checks(tmp_path: Path) -> None:
+    result = checks(tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    # every role's variables were checked, the pihub role's before anything else
+    for role in ("pihub", "base", "mosquitto", "timeseries", "rrd", "raspberrypi"):
+        assert f"TASK [{role} : Validating arguments against arg spec" in out, out
+    assert out.index("arg spec 'checks'") < out.index("TASK [base"), out
+
+
+def test_standin_overrides_pass_the_checks(tmp_path: Path) -> None:
+    result = checks(tmp_path, None, STANDIN)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_misspelled_daemon_field_stops_the_play_at_its_start_with_its_name(tmp_path: Path) -> None:
+    daemons = example_daemons()
+    daemons[0]["enabeld"] = True
+    result = checks(tmp_path, {"pihub_daemons": daemons})
+    refused(result, "pihub_daemons.enabeld", "Validation of arguments failed")
+    assert "TASK [base" not in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    ({"mqtt_acl": [{"topic": "data/#", "acess": "write"}]}, ["pihub_daemons.mqtt_acl.acess"]),
+    ({"enabled": "perhaps"}, ["enabled", "perhaps"]),
+    ({"state": "gone"}, ["state", "gone"]),
+    ({"supplementary_groups": {"gpio": True}}, ["supplementary_groups"]),
+], ids=["acl-field", "enabled-not-bool", "state-not-a-choice", "groups-not-a-list"])
+def test_wrong_daemon_field_stops_the_play_with_its_name(tmp_path: Path, change: dict[str, Any],
+                                                         words: list[str]) -> None:
+    daemons = example_daemons()
+    daemons[0].update(change)
+    refused(checks(tmp_path, {"pihub_daemons": daemons}), *words)
+
+
+def test_misspelled_field_of_an_override_stops_the_play_with_its_name(tmp_path: Path) -> None:
+    overrides = [{"name": "sensor-gpio", "config": {"backend": "simulated"}, "enabeld": False}]
+    refused(checks(tmp_path, {"pihub_daemon_overrides": overrides}),
+            "pihub_daemon_overrides.enabeld")
+
+
+def test_override_naming_no_daemon_stops_the_play_with_its_name(tmp_path: Path) -> None:
+    overrides = [{"name": "sensor-gpoi", "config": {"backend": "simulated"}}]
+    result = checks(tmp_path, {"pihub_daemon_overrides": overrides})
+    refused(result, "pihub_daemon_overrides names sensor-gpoi, which is no daemon")
+    assert "TASK [base" not in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize(("role", "extra_vars", "word"), [
+    ("base", {"base_journald_storage": "disk"}, "base_journald_storage"),
+    ("mosquitto", {"mosquitto_listeners": [{"port": 1883, "adress": "127.0.0.1"}]},
+     "mosquitto_listeners.adress"),
+    ("timeseries", {"timeseries_enabled": "perhaps"}, "timeseries_enabled"),
+    ("rrd", {"rrd_cached_flush_interval": "soon"}, "rrd_cached_flush_interval"),
+    ("raspberrypi", {"raspberrypi_gpio_library": "wiringpi"}, "raspberrypi_gpio_library"),
+])
+def test_every_role_checks_its_variables(tmp_path: Path, role: str, extra_vars: dict[str, Any],
+                                         word: str) -> None:
+    result = checks(tmp_path, extra_vars)
+    refused(result, word, f"TASK [{role} : Validating arguments against arg spec")
