@@ -404,7 +404,8 @@ def test_an_unreadable_cursor_is_counted_and_the_log_read_from_the_start(tmp_pat
     opened.log.commit(2)
     (tmp_path / "cursor.json").write_text("{torn")
     again = Opened(tmp_path)
-    assert len(again.damage) == 1 and "cursor unreadable" in again.damage[0].reason
+    assert len(again.damage) == 1
+    assert str(again.damage[0]).startswith(f"{tmp_path / 'cursor.json'}: cursor unreadable (")
     assert [seq_of(r) for r in again.drain()] == [1, 2, 3, 4, 5]  # at least once
 
 
@@ -447,3 +448,10 @@ def test_cursor_file_is_json_with_segment_and_offset(tmp_path):
     opened.log.commit(1)
     cursor = json.loads((tmp_path / "cursor.json").read_text())
     assert cursor == {"segment": 1, "offset": len(frame(payload(1)))}
+
+
+def test_append_refuses_a_record_longer_than_a_reader_would_accept(tmp_path):
+    opened = Opened(tmp_path, max_bytes=64 << 20)
+    with pytest.raises(ValueError):
+        opened.log.append([b"ok", b"x" * (durable.MAX_RECORD + 1)])
+    assert opened.log.empty and not list(tmp_path.glob("*.rec"))

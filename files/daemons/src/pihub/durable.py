@@ -165,6 +165,8 @@ class Damage:
     tail: bool = False
 
     def __str__(self) -> str:
+        if not self.length:
+            return f"{self.path}: {self.reason}"
         what = "cut off a torn tail of" if self.tail else "skipped"
         return (f"{self.path}: {what} {self.length} byte(s) at offset {self.offset}: "
                 f"{self.reason}")
@@ -293,8 +295,11 @@ class RecordLog:
 
         ``force`` appends past ``max_bytes`` (records already accepted elsewhere, e.g. taken
         over from an older format). On an ``OSError`` the segment is cut back to where it was,
-        so nothing of the batch is kept, and the error is raised.
+        so nothing of the batch is kept, and the error is raised. A record longer than
+        :data:`MAX_RECORD` is a ``ValueError``.
         """
+        if any(len(r) > MAX_RECORD for r in records):
+            raise ValueError(f"a record of the log in {self.dir} may hold {MAX_RECORD} bytes")
         data = b"".join([frame(r) for r in records])
         if not data:
             return True
