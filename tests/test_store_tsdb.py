@@ -285,8 +285,6 @@ def test_bad_input_is_rejected_and_counted_and_the_next_good_point_is_stored(
     assert d.proc.poll() is None
 
 
-
-
 def test_check_config_names_the_key_of_a_bad_value(tmp_path):
     path = write_config(tmp_path / "bad.yml", {"url": "http://127.0.0.1:8428",
                                                "retry_interval": 10, "retry_max": 5})
@@ -298,7 +296,7 @@ def test_check_config_names_the_key_of_a_bad_value(tmp_path):
 def test_an_unreadable_token_file_stops_the_daemon_with_a_config_error(
         store, tmp_path):
     d = store("http://127.0.0.1:9", token_file=str(tmp_path / "missing-token"))
-    assert wait_until(lambda: d.proc.poll() is not None, 20, "the daemon to exit") is not None
+    wait_until(lambda: d.proc.poll() is not None, 20, "the daemon to exit")
     assert d.proc.returncode == 78
     assert "token_file: cannot read" in d.output()
 
