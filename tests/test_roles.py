@@ -1,8 +1,9 @@
 """The roles' checked variables (roles/*/meta/argument_specs.yml), through playbooks/site.yml.
 
-Each test runs the real playbook against localhost with the example inventory's group_vars and a
-tag no task has, so only what runs whatever the tags runs: the pihub role's checks at the start
-of the play and each role's check of its variables. Nothing on this machine changes.
+The playbook tests run the real playbook against localhost with the example inventory's
+group_vars and a tag no task has, so only what runs whatever the tags runs: the pihub role's
+checks at the start of the play and each role's check of its variables. Nothing on this machine
+changes. The last test keeps each spec whole: every variable of defaults/main.yml, same default.
 """
 
 from __future__ import annotations
@@ -121,3 +122,14 @@ def test_every_role_checks_its_variables(tmp_path: Path, role: str, extra_vars: 
                                          word: str) -> None:
     result = checks(tmp_path, extra_vars)
     refused(result, word, f"TASK [{role} : Validating arguments against arg spec")
+
+
+@pytest.mark.parametrize("role", ["base", "mosquitto", "timeseries", "rrd", "raspberrypi", "pihub"])
+def test_argument_spec_lists_every_default_with_its_value(role: str) -> None:
+    defaults = yaml.safe_load((REPO / "roles" / role / "defaults" / "main.yml").read_text())
+    spec = yaml.safe_load((REPO / "roles" / role / "meta" / "argument_specs.yml").read_text())
+    options = spec["argument_specs"]["main"]["options"]
+    assert sorted(set(defaults) - set(options)) == []
+    for name, value in defaults.items():
+        assert options[name]["description"], name
+        assert options[name].get("default") == value, name
