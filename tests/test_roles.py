@@ -89,7 +89,9 @@ def test_misspelled_daemon_field_stops_the_play_at_its_start_with_its_name(tmp_p
     ({"enabled": "perhaps"}, ["enabled", "perhaps"]),
     ({"state": "gone"}, ["state", "gone"]),
     ({"supplementary_groups": {"gpio": True}}, ["supplementary_groups"]),
-], ids=["acl-field", "enabled-not-bool", "state-not-a-choice", "groups-not-a-list"])
+    ({"umask": 23}, ["sensor-system: umask 23 is not an octal string", "quote it"]),
+], ids=["acl-field", "enabled-not-bool", "state-not-a-choice", "groups-not-a-list",
+        "umask-unquoted"])
 def test_wrong_daemon_field_stops_the_play_with_its_name(tmp_path: Path, change: dict[str, Any],
                                                          words: list[str]) -> None:
     daemons = example_daemons()
