@@ -26,7 +26,7 @@ test-unit: ## Python tests of the daemons against a real Mosquitto (and friends)
 
 .PHONY: lint-python
 lint-python: ## ruff and mypy on the pihub package
-	$(PYTHON) -m ruff check files/daemons tests bench
+	$(PYTHON) -m ruff check files/daemons tests bench testkit
 	$(PYTHON) -m mypy files/daemons/src
 
 .PHONY: lint

@@ -28,28 +28,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
+from testkit.loopback import free_port, wait_until
+
 REPO = Path(__file__).resolve().parent.parent
 SRC = REPO / "files" / "daemons" / "src"
 PROBE = REPO / "tests" / "fixtures" / "probe"  # pihub_probe: a test-only daemon
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition",
-               interval: float = 0.02) -> Any:
-    """Poll ``predicate`` until it returns a truthy value; fail the test after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what}")
-        time.sleep(interval)
+__all__ = ["free_port", "wait_until"]  # from testkit, for the test modules
 
 
 # --------------------------------------------------------------------------- Mosquitto

@@ -7,80 +7,16 @@ from __future__ import annotations
 
 import http.server
 import json
-import shutil
-import signal
-import subprocess
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
 from typing import Any
 
-from conftest import free_port, wait_until
+from testkit.loopback import VictoriaMetrics, free_port
 
-
-class VictoriaMetrics:
-    """Debian's victoria-metrics on a free loopback port; stop/start keep port and data."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.exe = shutil.which("victoria-metrics") or "/usr/bin/victoria-metrics"
-        self.port = free_port()
-        self.workdir = workdir
-        self.data = workdir / "data"
-        self.log = workdir / "victoria-metrics.log"
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [self.exe, f"-httpListenAddr=127.0.0.1:{self.port}",
-                 f"-storageDataPath={self.data}", "-retentionPeriod=100y",
-                 "-search.latencyOffset=0", "-search.disableCache", "-loggerLevel=WARN"],
-                stdout=log, stderr=subprocess.STDOUT)
-        wait_until(self._healthy, 20, f"victoria-metrics on port {self.port}", interval=0.05)
-
-    def _healthy(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise AssertionError(f"victoria-metrics exited: {self.log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=1) as resp:
-                return bool(resp.status == 200)
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(30)
-        self.proc = None
-
-    def export(self, metric: str) -> dict[tuple[str, str], list[tuple[int, float]]]:
-        """Every stored sample of ``metric``: {(location, host): [(ts_ms, value), ...]}."""
-        urllib.request.urlopen(f"{self.url}/internal/force_flush", timeout=10).close()
-        query = urllib.parse.urlencode({"match[]": f'{{__name__="{metric}"}}'})
-        with urllib.request.urlopen(f"{self.url}/api/v1/export?{query}", timeout=30) as resp:
-            text = resp.read().decode()
-        out: dict[tuple[str, str], list[tuple[int, float]]] = {}
-        for line in text.splitlines():
-            row = json.loads(line)
-            key = (row["metric"].get("location", ""), row["metric"].get("host", ""))
-            out.setdefault(key, []).extend(zip(row["timestamps"], row["values"], strict=True))
-        for samples in out.values():
-            samples.sort()
-        return out
-
-    def count(self, metric_regex: str) -> int:
-        """How many samples the series matching ``metric_regex`` hold (one export call)."""
-        urllib.request.urlopen(f"{self.url}/internal/force_flush", timeout=10).close()
-        query = urllib.parse.urlencode({"match[]": f'{{__name__=~"{metric_regex}"}}'})
-        n = 0
-        with urllib.request.urlopen(f"{self.url}/api/v1/export?{query}", timeout=60) as resp:
-            for line in resp:
-                n += len(json.loads(line)["timestamps"])
-        return n
+__all__ = ["InfluxFront", "VictoriaMetrics"]
 
 
 class InfluxFront:

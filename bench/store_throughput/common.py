@@ -1,92 +1,29 @@
 """What the storage benchmarks need: a Mosquitto and a VictoriaMetrics of their own, the daemon
-as a process, its CPU and memory. Nothing here comes from tests/: a benchmark runs without them.
+as a process, its CPU and memory. Nothing here comes from tests/ (a benchmark runs without
+them); what tests and benchmarks share is in testkit/.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.parse
-import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # for testkit, shared with the tests
+
+from testkit.loopback import VictoriaMetrics, free_port, wait_until  # noqa: E402
+
+__all__ = ["VictoriaMetrics", "free_port", "wait_until"]
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
-               interval: float = 0.05) -> Any:
-    """Poll ``predicate`` until it returns a truthy value; raise after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
-
-
-class VictoriaMetrics:
-    """Debian's victoria-metrics on a free loopback port; stop/start keep port and data."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.exe = shutil.which("victoria-metrics") or "/usr/bin/victoria-metrics"
-        self.port = free_port()
-        self.data = workdir / "data"
-        self.log = workdir / "victoria-metrics.log"
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [self.exe, f"-httpListenAddr=127.0.0.1:{self.port}",
-                 f"-storageDataPath={self.data}", "-retentionPeriod=100y",
-                 "-search.latencyOffset=0", "-search.disableCache", "-loggerLevel=WARN"],
-                stdout=log, stderr=subprocess.STDOUT)
-        wait_until(self._healthy, 20, f"victoria-metrics on port {self.port}")
-
-    def _healthy(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise RuntimeError(f"victoria-metrics exited: {self.log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=1) as resp:
-                return bool(resp.status == 200)
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(30)
-        self.proc = None
-
-    def count(self, metric_regex: str) -> int:
-        """How many samples the series matching ``metric_regex`` hold (one export call)."""
-        urllib.request.urlopen(f"{self.url}/internal/force_flush", timeout=10).close()
-        query = urllib.parse.urlencode({"match[]": f'{{__name__=~"{metric_regex}"}}'})
-        n = 0
-        with urllib.request.urlopen(f"{self.url}/api/v1/export?{query}", timeout=60) as resp:
-            for line in resp:
-                n += len(json.loads(line)["timestamps"])
-        return n
 
 
 def start_mosquitto(workdir: Path, inflight: int) -> tuple[subprocess.Popen[bytes], int]:
