@@ -29,9 +29,31 @@ def example_daemons() -> list[dict[str, Any]]:
     return list(data["pihub_daemons"])
 
 
+# A vault as a real Pi's would hold one: long values, none of the example's placeholders.
+STRONG_VAULT: dict[str, Any] = {
+    "vault_pihub_mqtt_secret": "test-only-7Qm2Vh9Lx4Rk8Pz3Wn6Tc",
+    "vault_pushover_token": "test-only-a1b2c3d4e5f6g7h8i9j0k",
+    "vault_pushover_user_key": "test-only-u1v2w3x4y5z6u7v8w9x0y",
+    "vault_mosquitto_extra_users": [
+        {"name": "tasmota-plug-1", "password": "test-only-plug-Jx4Lq9Rz2Wv7",
+         "acl": [{"topic": "tasmota/plug-1/#", "access": "readwrite"}]},
+    ],
+}
+
+
+def vault_file(tmp_path: Path, **changes: Any) -> Path:
+    """STRONG_VAULT with some values changed, as a vars file."""
+    path = tmp_path / "vault.yml"
+    path.write_text(yaml.safe_dump({**STRONG_VAULT, **changes}))
+    return path
+
+
 def checks(tmp_path: Path, extra_vars: dict[str, Any] | None = None,
-           *var_files: Path) -> subprocess.CompletedProcess[str]:
-    """Run playbooks/site.yml's checks on localhost as the host of the example inventory."""
+           *var_files: Path, vault: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run playbooks/site.yml's checks on localhost as the host of the example inventory,
+    with a strong vault unless another is given."""
+    if vault is None:
+        vault = vault_file(tmp_path)
     playbook = shutil.which("ansible-playbook")
     assert playbook, "ansible-playbook is not installed (make dev)"
     inventory = tmp_path / "inventory"
@@ -40,7 +62,7 @@ def checks(tmp_path: Path, extra_vars: dict[str, Any] | None = None,
         "pihub:\n  hosts:\n    localhost:\n      ansible_connection: local\n")
     (inventory / "group_vars").symlink_to(EXAMPLE / "group_vars")
     args = [playbook, "-i", str(inventory), str(REPO / "playbooks" / "site.yml"),
-            "--tags", "no-task-has-this-tag", "-e", f"@{VAULT}",
+            "--tags", "no-task-has-this-tag", "-e", f"@{vault}",
             # no sudo for checks that change nothing
             "-e", "ansible_become=false"]
     for path in var_files:
@@ -74,6 +96,39 @@ def test_example_inventory_passes_every_roles_checks(tmp_path: Path) -> None:
 def test_standin_overrides_pass_the_checks(tmp_path: Path) -> None:
     result = checks(tmp_path, None, STANDIN)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_example_vault_is_refused_naming_each_placeholder_before_anything_changes(
+        tmp_path: Path) -> None:
+    result = checks(tmp_path, vault=VAULT)
+    refused(result, "pihub_mqtt_secret still holds the example vault's value",
+            "the secrets.token of daemon notify-pushover still holds the example vault's value",
+            "pihub_allow_demo_secrets: true")
+    assert "TASK [base" not in result.stdout, result.stdout
+
+
+def test_example_vault_passes_when_a_stand_in_opts_in(tmp_path: Path) -> None:
+    result = checks(tmp_path, {"pihub_allow_demo_secrets": True}, STANDIN, vault=VAULT)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_short_secret_is_refused_with_its_variable_and_never_printed(tmp_path: Path) -> None:
+    result = checks(tmp_path, vault=vault_file(tmp_path, vault_pushover_user_key="Zq81shortkey"))
+    refused(result, "the secrets.user of daemon notify-pushover is shorter than 16 characters")
+    assert "Zq81shortkey" not in result.stdout + result.stderr
+
+
+def test_short_derivation_secret_is_refused_with_its_variable(tmp_path: Path) -> None:
+    result = checks(tmp_path, vault=vault_file(tmp_path, vault_pihub_mqtt_secret="Zq81short"))
+    refused(result, "pihub_mqtt_secret is shorter than 16 characters")
+    assert "Zq81short" not in result.stdout + result.stderr
+
+
+def test_placeholder_password_of_an_outside_device_is_refused_with_its_name(tmp_path: Path) -> None:
+    users = [{**STRONG_VAULT["vault_mosquitto_extra_users"][0], "password": "change-me-too"}]
+    result = checks(tmp_path, vault=vault_file(tmp_path, vault_mosquitto_extra_users=users))
+    refused(result, "mosquitto_extra_users tasmota-plug-1: the password is shorter than 16")
+    assert "TASK [base" not in result.stdout, result.stdout
 
 
 def test_misspelled_daemon_field_stops_the_play_at_its_start_with_its_name(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: builds the stand-in Pi, starts it as container pihub-demo, provisions it with
-# playbooks/site.yml exactly as a Pi (example inventory, example vault; the outside world served
+# playbooks/site.yml exactly as a Pi (example inventory, example vault, which only a stand-in may
+# use: pihub_allow_demo_secrets; the outside world served
 # by local fixtures, as in Molecule), then shows the heartbeats of every daemon for DEMO_SECONDS
 # (default 60) from inside the container.
 # The container keeps running afterwards; remove it with `docker rm -f pihub-demo`.
@@ -28,7 +29,7 @@ echo "==> provisioning $container with playbooks/site.yml" >&2
 start=$(date +%s)
 ansible-playbook "${inventory[@]}" \
   -e @inventory/example/group_vars/pihub/vault.yml.example "${overrides[@]}" \
-  -e "{\"pihub_heartbeat_interval\": $heartbeat}" playbooks/site.yml
+  -e "{\"pihub_heartbeat_interval\": $heartbeat, \"pihub_allow_demo_secrets\": true}" playbooks/site.yml
 echo "==> provisioned in $(($(date +%s) - start)) s" >&2
 
 # The first daemon's login (any daemon may read pihub/#), from inside the container.
