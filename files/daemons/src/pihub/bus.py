@@ -5,10 +5,26 @@
 * subscriptions are made again after every reconnect; READY is signalled once they are acked;
 * a bounded queue keeps what is published while the broker is away, and sends it in order
   when the broker is back;
-* every incoming message goes through a guard: a handler that raises :class:`Reject` or any
-  other exception costs a log line and a counter, never the daemon.
+* every incoming message goes through a guard: a payload over ``mqtt.max_message_bytes`` is
+  rejected before any handler sees it, and a handler that raises :class:`Reject` or any other
+  exception costs a log line (quoting at most :data:`pihub.logs.MAX_QUOTED` characters of the
+  input) and a counter, never the daemon;
+* the bus can tell whether its MQTT handling makes progress (:meth:`Bus.stalled`), for the
+  daemon's systemd watchdog.
 
 Handlers run in paho's network thread; daemons guard state shared with their timers.
+
+Progress. A handler runs in paho's network thread, so while one is stuck nothing else of MQTT
+happens: no message, no keep-alive, no acknowledgement, no heartbeat; the broker publishes the
+Last Will. Python cannot interrupt a running handler safely, so "bounded" means *seen*: the
+network thread leaves a sign of life each time its loop goes round (paho calls ``loop_misc`` at
+least once a second while connected, even when idle), when a handler returns and at each step of
+a (re)connection (before an attempt, a failed attempt, connected, disconnected). The bus is
+stalled when a handler has run longer than ``stall_after`` seconds, or when the thread left no
+sign for ``stall_after`` seconds while connected. While the broker is away the thread sleeps
+between attempts (up to ``mqtt.reconnect_max``) and an attempt may block for paho's connect
+timeout and a TLS handshake (up to ``mqtt.keepalive``), so then the silence allowed grows by
+those: a broker outage is not a stall, a network thread dead for good still is.
 """
 
 from __future__ import annotations
@@ -18,6 +34,8 @@ import logging
 import socket
 import ssl
 import threading
+import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +44,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from .config import ConfigError, MqttConfig
+from .logs import MAX_QUOTED, clip
 from .topics import Reject, decode_json
 
 log = logging.getLogger("pihub.bus")
@@ -83,6 +102,23 @@ class Message:
 
 Handler = Callable[[Message], None]
 
+#: seconds paho gives one connection attempt (its default, set explicitly since the silence
+#: allowed while reconnecting counts on it)
+CONNECT_TIMEOUT = 5.0
+
+
+class _Client(mqtt.Client):
+    """paho's client, telling the bus each time its network loop goes round."""
+
+    on_loop: Callable[[], None] | None = None
+
+    def loop_misc(self) -> mqtt.MQTTErrorCode:
+        # called by paho's network thread at the end of every loop iteration (select timeout
+        # 1 s): the cheapest sign that the thread is alive and not stuck in a handler
+        if self.on_loop is not None:
+            self.on_loop()
+        return super().loop_misc()
+
 
 def read_secret(path: str, key: str) -> str:
     try:
@@ -118,8 +154,15 @@ class Bus:
         self._sub_mids: set[int] = set()
         self._dropped_logged = False
         self.connections = 0
+        #: a handler running longer than this, or a network thread silent this long while
+        #: connected, is a stall (the daemon sets it from its watchdog interval)
+        self.stall_after = 30.0
+        # monotonic time of the network thread's last sign of life (see the module docstring)
+        self._last_sign = time.monotonic()
+        # (topic, monotonic start) of the handler running in the network thread, if any
+        self._running: tuple[str, float] | None = None
 
-        client = mqtt.Client(
+        client = _Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
             clean_session=not persistent_session,
@@ -143,6 +186,10 @@ class Bus:
         client.reconnect_delay_set(min_delay=max(1, round(cfg.reconnect_min)),
                                    max_delay=max(1, round(cfg.reconnect_max)))
         client.max_inflight_messages_set(100)
+        client.connect_timeout = CONNECT_TIMEOUT
+        client.on_loop = self._sign
+        client.on_pre_connect = lambda client, userdata: self._sign()
+        client.on_connect_fail = lambda client, userdata: self._sign()
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
@@ -155,6 +202,7 @@ class Bus:
         log.info("connecting to mqtt%s://%s:%d as %s", "s" if self.cfg.tls.enabled else "",
                  self.cfg.host, self.cfg.port, self.cfg.username or "anonymous")
         self._client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive)
+        self._sign()
         self._client.loop_start()
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -183,6 +231,38 @@ class Bus:
     def queued(self) -> int:
         with self._lock:
             return len(self._pending)
+
+    # ------------------------------------------------------------------ progress
+
+    def _sign(self) -> None:
+        """The network thread is alive (called from it only)."""
+        self._last_sign = time.monotonic()
+
+    def stalled(self) -> str | None:
+        """Why MQTT handling looks stuck, or None while it makes progress (module docstring).
+
+        Called from the daemon's main loop; reads two values the network thread writes whole.
+        """
+        now = time.monotonic()
+        running = self._running
+        if running is not None:
+            topic, started = running
+            if now - started > self.stall_after:
+                return (f"the handler for {clip(topic)} has been running for "
+                        f"{now - started:.0f} s (limit {self.stall_after:g} s)")
+            return None
+        silent = now - self._last_sign
+        if self.connected:
+            if silent > self.stall_after:
+                return f"the MQTT network thread has been silent for {silent:.0f} s"
+            return None
+        # broker away: the thread sleeps between attempts, and an attempt may block
+        allowed = (self.stall_after + self.cfg.reconnect_max + CONNECT_TIMEOUT
+                   + self.cfg.keepalive)
+        if silent > allowed:
+            return (f"the MQTT network thread has been silent for {silent:.0f} s while "
+                    f"reconnecting (allowed {allowed:.0f} s)")
+        return None
 
     # ------------------------------------------------------------------ publishing
 
@@ -228,8 +308,18 @@ class Bus:
         """Route a message to the handlers of the filters its topic matches.
 
         Topics repeat (one per series), so the match is made once per topic and kept: paho's
-        own per-message filter matching was a fair share of a storage daemon's CPU.
+        own per-message filter matching was a fair share of a storage daemon's CPU. A payload
+        over ``mqtt.max_message_bytes`` is rejected here, before any handler decodes it.
         """
+        size = len(msg.payload)
+        if size > self.cfg.max_message_bytes:
+            self.counters.inc("received")
+            self.counters.inc("rejected")
+            log.warning("rejected: payload on %s is %d bytes, over mqtt.max_message_bytes (%d)",
+                        clip(msg.topic), size, self.cfg.max_message_bytes)
+            if self.manual_ack and msg.qos > 0:
+                client.ack(msg.mid, msg.qos)
+            return
         topic = msg.topic
         routes = self._routes.get(topic)
         if routes is None:
@@ -259,26 +349,39 @@ class Bus:
             message = Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain), msg.mid,
                               ack)
             self.counters.inc("received")
+            started = time.monotonic()
+            self._running = (message.topic, started)
             try:
                 handler(message)
             except Reject as exc:
                 self.counters.inc("rejected")
-                log.warning("rejected: %s", exc)
+                log.warning("rejected: %s", clip(str(exc), 3 * MAX_QUOTED))
                 message.ack()
-            except Exception:
+            except Exception as exc:
                 self.counters.inc("errors")
-                log.exception("handler for %s failed", msg.topic)
+                # the frames, then the exception's text cut: that text may quote the input
+                frames = "".join(traceback.format_tb(exc.__traceback__, limit=-8)).rstrip()
+                log.error("handler for %s failed: %s: %s\n%s", clip(message.topic),
+                          type(exc).__name__, clip(str(exc)), frames)
                 message.ack()
             else:
                 if not self.manual_ack:
                     message.ack()
+            finally:
+                self._running = None
+                self._sign()
+            took = time.monotonic() - started
+            if took > self.stall_after:
+                log.warning("the handler for %s took %.1f s (limit %g s); no other MQTT "
+                            "message, keep-alive or heartbeat went through meanwhile",
+                            clip(message.topic), took, self.stall_after)
 
         return on_message
 
     def _on_unmatched(self, client: mqtt.Client, msg: mqtt.MQTTMessage) -> None:
         # A persistent session may deliver messages of an old subscription.
         self.counters.inc("rejected")
-        log.warning("rejected: no handler for topic %s", msg.topic)
+        log.warning("rejected: no handler for topic %s", clip(msg.topic))
         if self.manual_ack and msg.qos > 0:
             client.ack(msg.mid, msg.qos)
 
@@ -286,6 +389,7 @@ class Bus:
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any,
                     reason: Any, properties: Any) -> None:
+        self._sign()
         if reason.is_failure:
             log.error("broker %s:%d refused the connection: %s", self.cfg.host, self.cfg.port,
                       reason)
@@ -343,6 +447,7 @@ class Bus:
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
                        reason: Any, properties: Any) -> None:
+        self._sign()
         with self._lock:
             was = self._connected
             self._connected = False

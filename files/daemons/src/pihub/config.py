@@ -110,6 +110,12 @@ class MqttConfig:
     )
     reconnect_min: float = setting(1.0, "First reconnect delay, seconds.", min=0.1)
     reconnect_max: float = setting(60.0, "Longest reconnect delay, seconds.", min=1)
+    max_message_bytes: int = setting(
+        256 * 1024,
+        "Largest payload accepted, in bytes; a bigger message is rejected (logged, counted) "
+        "before it is decoded.",
+        min=1024,
+    )
 
     def check(self) -> None:
         if self.reconnect_max < self.reconnect_min:

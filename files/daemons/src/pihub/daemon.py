@@ -13,6 +13,15 @@ signals - happens here::
             self.every(self.config.interval, self.read)
 
     main = SystemSensor.main   # the console script pihub-sensor-system
+
+The systemd watchdog sees the whole daemon. WATCHDOG=1 is sent by a task of the main loop (so a
+stuck main loop stops it) every half ``WatchdogSec`` (W), and only while the bus's MQTT handling
+makes progress (:meth:`pihub.bus.Bus.stalled`, with ``stall_after`` = W/2): a handler stuck for
+more than W/2, or a network thread that went silent, stops the pings, and systemd kills and
+restarts the daemon at most W later, so within 1.5 W of the stall's start. A broker outage is
+not a stall: the reconnect loop's attempts are progress. The stall is logged once, and shown in
+``systemctl status`` (STATUS=). Without a watchdog the same check runs every half heartbeat
+interval, with ``stall_after`` = ``heartbeat_interval``, and only logs.
 """
 
 from __future__ import annotations
@@ -95,6 +104,7 @@ class Daemon(Generic[C]):
         self._reload_requested = False
         self._ready_sent = False
         self._ready_lock = threading.Lock()
+        self._stall_logged = False
         self._tasks: list[_Task] = []
         self._started = time.monotonic()
         self.bus = Bus(
@@ -188,7 +198,23 @@ class Daemon(Generic[C]):
         self._publish_meta("heartbeat")
 
     def _watchdog(self) -> None:
-        self.notifier.watchdog()
+        """Feed systemd's watchdog if the MQTT side made progress too (module docstring)."""
+        why = self.bus.stalled()
+        if why is None:
+            if self._stall_logged:
+                self._stall_logged = False
+                self.log.warning("MQTT handling is moving again")
+                self.notifier.status("MQTT handling is moving again")
+            if self.notifier.watchdog_interval:
+                self.notifier.watchdog()
+            return
+        if not self._stall_logged:
+            self._stall_logged = True
+            self.log.error("MQTT handling is stalled: %s; %s", why,
+                           "no more WATCHDOG=1 to systemd, which will restart the daemon"
+                           if self.notifier.watchdog_interval else
+                           "no systemd watchdog here to restart the daemon")
+            self.notifier.status(f"MQTT handling is stalled: {why}")
 
     def _on_bus_ready(self) -> None:
         with self._ready_lock:
@@ -214,8 +240,9 @@ class Daemon(Generic[C]):
         self._publish_meta("starting")
         self.every(self.config.heartbeat_interval, self._heartbeat,
                    first_in=self.config.heartbeat_interval, name="heartbeat")
-        if self.notifier.watchdog_interval:
-            self.every(self.notifier.watchdog_interval / 2, self._watchdog, name="watchdog")
+        window = self.notifier.watchdog_interval
+        self.bus.stall_after = window / 2 if window else self.config.heartbeat_interval
+        self.every(self.bus.stall_after / (1 if window else 2), self._watchdog, name="watchdog")
         self.bus.start()
         try:
             self._loop()

@@ -6,6 +6,18 @@ import logging
 import os
 import sys
 
+#: characters of outside input (a topic, a payload, a reject's reason) one log line quotes
+MAX_QUOTED = 100
+
+
+def clip(text: str, limit: int = MAX_QUOTED) -> str:
+    """``text`` cut to about ``limit`` characters, saying how long it was: a log line quotes
+    outside input (a 256 kB payload, a 64 kB topic), never all of it."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text)} characters in all)"
+
+
 # syslog priorities, which journald reads from a "<N>" line prefix (SyslogLevelPrefix=yes)
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
              logging.CRITICAL: 2}
