@@ -9,11 +9,30 @@ from __future__ import annotations
 import json
 import math
 import re
+import reprlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 SEGMENT = re.compile(r"^[a-z0-9_-]+$")
+
+#: Limits on what any MQTT client can send (contract §6): a message within them costs a bounded
+#: amount of memory, disk and log; one beyond them is rejected.
+#: characters of a topic segment (<location>, <quantity>, <target>, ...): a file name at most
+MAX_SEGMENT = 64
+#: nesting of JSON arrays and objects in any payload (Python's decoder would recurse deeper)
+MAX_DEPTH = 32
+#: bytes of a measurement payload (value, unit, ts and its extra keys)
+MAX_MEASUREMENT_BYTES = 1024
+#: characters of a measurement's unit
+MAX_UNIT = 32
+#: extra keys of a measurement besides value, unit and ts
+MAX_EXTRA_KEYS = 16
+#: characters of the offending input quoted in a reject's log line
+MAX_SHOWN = 80
+#: characters of a text field published from outside input (a scraped name, a destination, a
+#: reason quoting a page): longer ones are cut, ending with …
+MAX_TEXT = 200
 
 UNITS = frozenset({"°C", "%", "hPa", "V", "W", "Wh", "lx", "ppm", "bool", "count", "s", "B", "kB"})
 
@@ -22,9 +41,29 @@ class Reject(Exception):
     """A message breaks the contract; the text says what was expected and what came."""
 
 
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = MAX_SHOWN
+_repr.maxlevel = 3
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` cut to about :data:`MAX_SHOWN` characters: what a reject quotes of the
+    input (a 1 MB string must not reach the log)."""
+    if isinstance(value, str | bytes) and len(value) > MAX_SHOWN:
+        return f"{value[:MAX_SHOWN]!r}… ({len(value)} in all)"
+    text = _repr.repr(value)
+    return text if len(text) <= 2 * MAX_SHOWN else text[:2 * MAX_SHOWN] + "…"
+
+
+def clip_text(text: str, limit: int = MAX_TEXT) -> str:
+    """``text`` cut to ``limit`` characters, ending with … when it was longer."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def check_segment(value: str, what: str) -> str:
-    if not SEGMENT.match(value):
-        raise ValueError(f"{what} must be lower-case [a-z0-9_-]+, got {value!r}")
+    if not SEGMENT.match(value) or len(value) > MAX_SEGMENT:
+        raise ValueError(f"{what} must be lower-case [a-z0-9_-]+ of at most {MAX_SEGMENT} "
+                         f"characters, got {shown(value)}")
     return value
 
 
@@ -66,20 +105,47 @@ class Topics:
         """Check that ``topic`` is ``<root>/<kind>/<seg>{levels}`` and return the segments."""
         prefix = f"{self.root}/{kind}/"
         if not topic.startswith(prefix):
-            raise Reject(f"topic {topic!r} is not under {prefix}")
+            raise Reject(f"topic {shown(topic)} is not under {prefix}")
         parts = topic[len(prefix):].split("/")
-        if len(parts) != levels or not all(SEGMENT.match(p) for p in parts):
+        if len(parts) != levels or not all(SEGMENT.match(p) and len(p) <= MAX_SEGMENT
+                                           for p in parts):
             shape = "/".join(["<[a-z0-9_-]+>"] * levels)
-            raise Reject(f"topic {topic!r} does not match {prefix}{shape}")
+            raise Reject(f"topic {shown(topic)} does not match {prefix}{shape} (segments of at "
+                         f"most {MAX_SEGMENT} characters)")
         return parts
 
 
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_depth(payload: bytes) -> int:
+    """The deepest nesting of arrays and objects in JSON text (strings skipped), without
+    recursion: linear in the payload's size."""
+    if payload.count(b"[") + payload.count(b"{") <= 1:
+        return min(1, payload.count(b"[") + payload.count(b"{"))
+    brackets = _JSON_STRING.sub(b"", payload).translate(None, _NOT_BRACKET)
+    depth = deepest = 0
+    for b in brackets:
+        if b in b"[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+        else:
+            depth -= 1
+    return deepest
+
+
 def decode_json(payload: bytes, topic: str) -> Any:
+    """A payload's JSON; Reject if it is not UTF-8 JSON or nests deeper than MAX_DEPTH."""
+    if json_depth(payload) > MAX_DEPTH:
+        raise Reject(f"payload on {topic} nests arrays/objects deeper than {MAX_DEPTH} levels "
+                     f"({len(payload)} bytes): {shown(payload)}")
     try:
         return json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        shown = payload[:80]
-        raise Reject(f"payload on {topic} is not JSON ({exc}): {shown!r}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise Reject(f"payload on {topic} is not JSON ({shown(str(exc))}): "
+                     f"{shown(payload)}") from None
 
 
 def encode_json(payload: Any) -> bytes:
@@ -108,8 +174,9 @@ def measurement_payload(value: float | int | bool, unit: str, ts: float | None =
         value = int(value)
     if not isinstance(value, int | float) or not math.isfinite(value):
         raise ValueError(f"measurement value must be a finite number, got {value!r}")
-    if not unit or not isinstance(unit, str):
-        raise ValueError(f"measurement unit must be a non-empty string, got {unit!r}")
+    if not unit or not isinstance(unit, str) or len(unit) > MAX_UNIT:
+        raise ValueError(f"measurement unit must be a non-empty string of at most {MAX_UNIT} "
+                         f"characters, got {shown(unit)}")
     when = time.time() if ts is None else ts
     return {**extra, "value": value, "unit": unit, "ts": round(when, 3)}
 
@@ -123,24 +190,37 @@ def measurement_fields(data: Any, topic: str) -> tuple[float, str, float]:
     """
     if type(data) is not dict:
         raise Reject(f"payload on {topic} must be a JSON object, got {type(data).__name__}")
+    if len(data) > 3 + MAX_EXTRA_KEYS:
+        raise Reject(f"payload on {topic}: at most {MAX_EXTRA_KEYS} keys besides value, unit "
+                     f"and ts, got {len(data) - 3} or more")
     value = data.get("value")
     if type(value) is not float and type(value) is not int:
-        raise Reject(f"payload on {topic}: 'value' must be a number, got {value!r}")
+        raise Reject(f"payload on {topic}: 'value' must be a number, got {shown(value)}")
     if not math.isfinite(value):
         raise Reject(f"payload on {topic}: 'value' must be finite, got {value!r}")
     unit = data.get("unit")
-    if type(unit) is not str or not unit:
-        raise Reject(f"payload on {topic}: 'unit' must be a non-empty string, got {unit!r}")
+    if type(unit) is not str or not unit or len(unit) > MAX_UNIT:
+        raise Reject(f"payload on {topic}: 'unit' must be a non-empty string of at most "
+                     f"{MAX_UNIT} characters, got {shown(unit)}")
     ts = data.get("ts")
     if (type(ts) is not float and type(ts) is not int) or not math.isfinite(ts) or ts <= 0:
-        raise Reject(f"payload on {topic}: 'ts' must be UNIX seconds (a number > 0), got {ts!r}")
+        raise Reject(f"payload on {topic}: 'ts' must be UNIX seconds (a number > 0), "
+                     f"got {shown(ts)}")
     return value, unit, ts
+
+
+def decode_measurement(payload: bytes, topic: str) -> Any:
+    """A measurement payload's JSON, checked against MAX_MEASUREMENT_BYTES first."""
+    if len(payload) > MAX_MEASUREMENT_BYTES:
+        raise Reject(f"payload on {topic}: a measurement is at most {MAX_MEASUREMENT_BYTES} "
+                     f"bytes, got {len(payload)}: {shown(payload)}")
+    return decode_json(payload, topic)
 
 
 def parse_measurement(topics: Topics, topic: str, payload: bytes) -> Measurement:
     """Check topic and payload of a data message; raise Reject saying what is wrong."""
     location, quantity = topics.split(topic, "data", 2)
-    data = decode_json(payload, topic)
+    data = decode_measurement(payload, topic)
     value, unit, ts = measurement_fields(data, topic)
     extra = {k: v for k, v in data.items() if k not in ("value", "unit", "ts")}
     return Measurement(location, quantity, float(value), unit, float(ts), extra)

@@ -37,7 +37,7 @@ import requests
 from pihub import __version__
 from pihub.config import BaseConfig, ConfigError, setting
 from pihub.daemon import Daemon
-from pihub.topics import SEGMENT
+from pihub.topics import SEGMENT, clip_text, shown
 from pihub.web import FetchError, fetch, session
 
 MAX_BYTES = 32 * 1024 * 1024  # the biggest station_information files are a few MB
@@ -244,7 +244,7 @@ def station_values(st: dict[str, Any], kinds: dict[str, str], url: str) -> dict[
     """What a display shows of one station_status entry (2.x, 3.x or Velib's)."""
     bikes = count(st.get("num_vehicles_available", st.get("num_bikes_available")))
     if bikes is None:
-        raise FeedError(f"{url}: station {st.get('station_id')!r} has no count of bikes "
+        raise FeedError(f"{url}: station {shown(st.get('station_id'))} has no count of bikes "
                         f"(num_bikes_available / num_vehicles_available)")
     mechanical = electric = None
     by_type = st.get("vehicle_types_available")
@@ -413,8 +413,9 @@ class BikesDisplay(Daemon[Config]):
                 continue
             feed_name = localized(info_entry.get("name"), self.config.language) \
                 if info_entry else None
+            feed_name = clip_text(feed_name) if isinstance(feed_name, str) else None
             payload = {
-                "station_id": station_id,
+                "station_id": clip_text(station_id),
                 "name": station.display_name or feed_name or station_id,
                 "feed_name": feed_name,
                 **values,
@@ -462,6 +463,7 @@ class BikesDisplay(Daemon[Config]):
                 f"({self.feeds['station_information'].url})")
 
     def publish_stale(self, station: StationConfig, reason: str) -> None:
+        reason = clip_text(reason)
         last = self.last_good.get(station.item)
         if last is None:
             payload: dict[str, Any] = {

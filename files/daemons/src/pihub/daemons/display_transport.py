@@ -43,7 +43,7 @@ from bs4 import BeautifulSoup, Tag
 from pihub import __version__
 from pihub.config import BaseConfig, ConfigError, setting
 from pihub.daemon import Daemon
-from pihub.topics import SEGMENT
+from pihub.topics import SEGMENT, clip_text
 from pihub.web import FetchError, fetch, session
 
 MAX_BYTES = 4 * 1024 * 1024
@@ -228,7 +228,7 @@ def parse_board(html: bytes | str, sel: Selectors, now: datetime, limit: int, ur
         try:
             minutes = parse_minutes(realtime_text, now) if realtime else parse_minutes(shown, now)
         except ValueError:
-            unreadable.append(shown)
+            unreadable.append(clip_text(shown, 80))
             continue
         is_clock = realtime is not None or clock_of(shown) is not None
         departs = base + timedelta(minutes=minutes) if is_clock else now + timedelta(
@@ -238,17 +238,18 @@ def parse_board(html: bytes | str, sel: Selectors, now: datetime, limit: int, ur
             delay = (realtime[0] * 60 + realtime[1] - scheduled[0] * 60 - scheduled[1]) % 1440
             if delay > 720:  # early rather than a day late
                 delay -= 1440
+        platform = select_text(row, sel.platform)
         departures.append({
-            "line": line,
-            "destination": destination,
+            "line": clip_text(line),
+            "destination": clip_text(destination),
             "minutes": max(0, minutes),
             "time": departs.strftime("%H:%M"),
             "departs_at": round(departs.timestamp(), 3),
             "scheduled": hhmm(scheduled),
             "realtime": hhmm(realtime),
             "delay_min": delay,
-            "platform": select_text(row, sel.platform) or None,
-            "text": shown,
+            "platform": clip_text(platform) if platform else None,
+            "text": clip_text(shown),
         })
     if not departures:
         if unreadable:
@@ -334,6 +335,7 @@ class TransportDisplay(Daemon[Config]):
         self.publish_json(self.topics.display(self.config.board, stop.item), payload)
 
     def stale(self, stop: StopConfig, reason: str) -> None:
+        reason = clip_text(reason)
         self.count("errors")
         if self.reasons.get(stop.item) != reason:
             self.log.warning("%s: %s", stop.item, reason)

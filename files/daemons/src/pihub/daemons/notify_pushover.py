@@ -51,11 +51,13 @@ from pihub.bus import Message, read_secret
 from pihub.config import BaseConfig, ConfigError, setting
 from pihub.daemon import Daemon, state_directory
 from pihub.durable import StateError, atomic_write, fsync_directory, read_json
-from pihub.topics import Reject
+from pihub.topics import Reject, shown
 
 #: Pushover's limits on one message (characters), see its API documentation.
 MAX_MESSAGE = 1024
 MAX_TITLE = 250
+#: requests remembered for dedupe_window_s (the oldest forgotten first beyond)
+MAX_RECENT = 1000
 #: Emergency priority: Pushover requires retry >= 30 s and expire <= 10800 s.
 EMERGENCY = 2
 MIN_RETRY = 30
@@ -168,19 +170,20 @@ def parse_request(topic: str, data: Any, default_priority: int, now: float
     message = data.get("message")
     if not isinstance(message, str) or not message.strip():
         raise Reject(f"payload on {topic}: 'message' must be a non-empty string, got "
-                     f"{message!r}")
+                     f"{shown(message)}")
     title = data.get("title")
     if title is not None and not isinstance(title, str):
-        raise Reject(f"payload on {topic}: 'title' must be a string, got {title!r}")
+        raise Reject(f"payload on {topic}: 'title' must be a string, got {shown(title)}")
     priority = data.get("priority", default_priority)
     if isinstance(priority, float) and priority.is_integer():
         priority = int(priority)
     if isinstance(priority, bool) or not isinstance(priority, int) or not -2 <= priority <= 2:
         raise Reject(f"payload on {topic}: 'priority' must be an integer -2..2, got "
-                     f"{priority!r}")
+                     f"{shown(priority)}")
     ts = data.get("ts", now)
     if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts) or ts <= 0:
-        raise Reject(f"payload on {topic}: 'ts' must be UNIX seconds (a number > 0), got {ts!r}")
+        raise Reject(f"payload on {topic}: 'ts' must be UNIX seconds (a number > 0), got "
+                     f"{shown(ts)}")
     return message, (title or None), priority, float(ts)
 
 
@@ -446,6 +449,8 @@ class PushoverNotifier(Daemon[Config]):
                 msg.ack()
                 return
             if window > 0:
+                if len(self._recent) >= MAX_RECENT:
+                    del self._recent[next(iter(self._recent))]
                 self._recent[key] = now
         item = Request(self.queue.next_seq(), msg.topic, message, title, priority, ts)
         dropped, error = self.queue.put(item, config.max_queue)

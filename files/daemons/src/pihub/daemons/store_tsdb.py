@@ -27,9 +27,14 @@ How nothing gets lost:
 * a retained message delivered again on every (re)subscribe is not written twice: the last ``ts``
   stored per topic is remembered (and kept in ``spool_dir`` across restarts).
 
+At most ``max_series`` series (topics) are stored: a message of a new series beyond them is
+rejected and counted (``rejected`` and ``series_refused``), logged once per heartbeat interval,
+and never reaches the DB; the series already known go on.
+
 Publishes only its own ``<root>/store-tsdb/status`` and ``meta``; the heartbeat carries
 ``spool_bytes``, ``pending`` and ``db_available`` besides the counters ``written``, ``spooled``,
-``replayed``, ``spool_full_dropped``, ``db_rejected``, ``db_unavailable``, ``duplicates``.
+``replayed``, ``spool_full_dropped``, ``db_rejected``, ``db_unavailable``, ``duplicates``,
+``series_refused`` (and ``series``, the number of series known).
 """
 
 from __future__ import annotations
@@ -48,12 +53,12 @@ from pihub.bus import Message, read_secret
 from pihub.config import BaseConfig, ConfigError, setting
 from pihub.daemon import Daemon, state_directory
 from pihub.durable import Damage, RecordLog, StateError, atomic_write_json, read_json
-from pihub.topics import Reject, decode_json, measurement_fields
+from pihub.topics import Reject, decode_measurement, measurement_fields
 
 DEFAULT_STATE_DIR = "/var/lib/pihub-store-tsdb"  # what state_directory() falls back to
 MAX_SERIES_CACHED = 10000
 COUNTERS = ("written", "spooled", "replayed", "spool_full_dropped", "db_rejected",
-            "db_unavailable", "duplicates")
+            "db_unavailable", "duplicates", "series_refused")
 
 
 @dataclass(kw_only=True)
@@ -103,6 +108,10 @@ class Config(BaseConfig):
     )
     replay_batch_size: int = setting(
         5000, "Points per write when replaying the spool.", min=1, max=100000,
+    )
+    max_series: int = setting(
+        10000, "Most series (data topics) stored; a message of a new series beyond them is "
+        "rejected, counted (series_refused) and logged once per heartbeat interval.", min=1,
     )
     max_ts_ahead: float = setting(
         86400.0, "Reject a measurement whose ts is more than this many seconds ahead of this "
@@ -212,6 +221,8 @@ class StoreTsdb(Daemon[Config]):
         self._backoff = cfg.retry_interval
         self._retry_at = 0.0
         self._full_logged = False
+        self._refused_since_log = 0
+        self._refused_log_at = 0.0
         self._writer: threading.Thread | None = None
         self.client: Any = None
         self.write_api: Any = None
@@ -259,7 +270,10 @@ class StoreTsdb(Daemon[Config]):
         with self._cond:
             pending = len(self._pending)
         return {"spool_bytes": self.spool.size, "pending": pending,
-                "db_available": self._db_available}
+                "db_available": self._db_available, "series": len(self.seen_ts)}
+
+    def reload(self, new: Config, changed: set[str]) -> set[str]:
+        return changed & {"max_series"}
 
     def _spool_damaged(self, damage: Damage) -> None:
         """A damaged stretch of the spool (a crash or a bad card): skipped, logged, counted."""
@@ -304,10 +318,15 @@ class StoreTsdb(Daemon[Config]):
         if prefix is None:
             location, quantity = self.topics.split(topic, "data", 2)
             prefix = f"{quantity},location={location},host={self.host_tag} value="
+        if topic not in self.seen_ts and len(self.seen_ts) >= self.config.max_series:
+            self._refuse_series(topic)
+            msg.ack()
+            return
+        if topic not in self._prefixes:
             if len(self._prefixes) >= MAX_SERIES_CACHED:
                 self._prefixes.clear()
             self._prefixes[topic] = prefix
-        value, _unit, ts = measurement_fields(decode_json(msg.payload, topic), topic)
+        value, _unit, ts = measurement_fields(decode_measurement(msg.payload, topic), topic)
         if ts > time.time() + self.config.max_ts_ahead:
             raise Reject(f"payload on {topic}: 'ts' {ts!r} is more than "
                          f"{self.config.max_ts_ahead:g} s ahead of this host's clock "
@@ -335,6 +354,21 @@ class StoreTsdb(Daemon[Config]):
             self._pending.append((line, ack, topic, ts))
             if len(self._pending) == cfg.batch_size:
                 self._cond.notify()
+
+    def _refuse_series(self, topic: str) -> None:
+        """A message of a new series beyond max_series: counted; logged once per interval."""
+        self.count("rejected")
+        self.count("series_refused")
+        self._refused_since_log += 1
+        now = time.monotonic()
+        if now < self._refused_log_at:
+            return
+        self._refused_log_at = now + self.config.heartbeat_interval
+        self.log.warning("rejected %d message(s) of new series, the last on %s: max_series=%d "
+                         "series are stored already (next such line in %g s at the earliest)",
+                         self._refused_since_log, topic, self.config.max_series,
+                         self.config.heartbeat_interval)
+        self._refused_since_log = 0
 
     # ------------------------------------------------------------------ the writer thread
 

@@ -34,10 +34,10 @@ from typing import Any
 from pihub.bus import Message
 from pihub.config import BaseConfig, ConfigError, setting
 from pihub.daemon import Daemon
-from pihub.topics import SEGMENT, Reject, parse_measurement
+from pihub.topics import SEGMENT, Reject, parse_measurement, shown
 
 from . import persistence
-from .liveness import CHANGE, SUMMARY, Event, Liveness, parse_meta, parse_status
+from .liveness import CHANGE, MAX_META_BYTES, SUMMARY, Event, Liveness, parse_meta, parse_status
 from .rules import FIRING, Alarm, Rules
 from .wording import TEMPLATE_ERRORS, daemon_request, rule_fields, rule_request
 
@@ -230,7 +230,7 @@ class Monitor(Daemon[Config]):
         if name == self.name or name in RESERVED:
             return None  # the monitor cannot report on itself; notify/status is no daemon
         if not SEGMENT.match(name):
-            raise Reject(f"topic {topic!r}: daemon name must be lower-case [a-z0-9_-]+")
+            raise Reject(f"topic {shown(topic)}: daemon name must be lower-case [a-z0-9_-]+")
         return name
 
     def _reject(self, name: str, exc: Reject) -> None:
@@ -258,6 +258,9 @@ class Monitor(Daemon[Config]):
             self._forget(name)
             return
         try:
+            if len(msg.payload) > MAX_META_BYTES:
+                raise Reject(f"meta on {msg.topic}: at most {MAX_META_BYTES} bytes, got "
+                             f"{len(msg.payload)}")
             data = parse_meta(msg.topic, name, msg.json())
         except Reject as exc:
             self._reject(name, exc)

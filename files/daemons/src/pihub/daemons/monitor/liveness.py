@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
-from pihub.topics import Reject
+from pihub.topics import Reject, shown
 
 UP, DOWN, STOPPED, UNKNOWN = "up", "down", "stopped", "unknown"
 STATES = (UP, DOWN, STOPPED, UNKNOWN)
@@ -28,6 +28,11 @@ EVENTS = ("starting", "heartbeat", "stopping")
 #: a witnessed offline status counts once it is this old (seconds) and the monitor still
 #: has its own connection; a broker that shuts down sends every Last Will just before
 OFFLINE_CONFIRM_S = 1.0
+#: daemons watched: a status or meta of one more is rejected (topics of made-up daemons must
+#: not grow the monitor's memory)
+MAX_DAEMONS = 256
+#: bytes of a metadata event (a daemon's is about 500; the last one of each daemon is kept)
+MAX_META_BYTES = 16384
 
 #: kinds of :class:`Event`
 FIRST, CHANGE, SUMMARY = "first", "change", "summary"
@@ -194,6 +199,9 @@ class Liveness:
     def watched(self, name: str) -> Watched:
         w = self.daemons.get(name)
         if w is None:
+            if len(self.daemons) >= MAX_DAEMONS:
+                raise Reject(f"a daemon {shown(name)} beyond the {MAX_DAEMONS} watched already; "
+                             "not watched")
             w = self.daemons[name] = Watched(name)
             w.rejected = self._rejected_unknown.pop(name, 0)
         return w
@@ -234,7 +242,7 @@ class Liveness:
         w = self.daemons.get(name)
         if w is not None:
             w.rejected += 1
-        else:
+        elif name in self._rejected_unknown or len(self._rejected_unknown) < MAX_DAEMONS:
             self._rejected_unknown[name] = self._rejected_unknown.get(name, 0) + 1
 
     def restore(self, name: str, baseline: Baseline) -> None:

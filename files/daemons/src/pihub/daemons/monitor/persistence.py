@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from pihub.topics import Reject
+from pihub.topics import Reject, shown
 
 from .liveness import STATES, Baseline, Watched, is_number
-from .rules import ABOVE, BELOW, FIRING, Restored, Series
+from .rules import ABOVE, BELOW, FIRING, MAX_RULE_SERIES, Restored, Series
 from .wording import ms
 
 COUNTS = ("transitions", "notifications", "held")
@@ -75,7 +75,7 @@ def daemon_baseline(topic: str, data: Any) -> Baseline:
     """A previous monitor's daemon record -> the baseline of that daemon's first view."""
     if not isinstance(data, dict) or data.get("state") not in STATES:
         raise Reject(f"record on {topic}: expected an object with a 'state' of "
-                     f"{', '.join(STATES)}, got {str(data)[:80]!r}")
+                     f"{', '.join(STATES)}, got {shown(data)}")
     since = data.get("since")
     return Baseline(
         state=data["state"], reason=str(data.get("reason", "")),
@@ -89,7 +89,10 @@ def rule_restored(topic: str, data: Any) -> Restored:
     afresh from the retained measurements)."""
     if not isinstance(data, dict) or not isinstance(data.get("series"), dict):
         raise Reject(f"record on {topic}: expected an object with 'series', "
-                     f"got {str(data)[:80]!r}")
+                     f"got {shown(data)}")
+    if len(data["series"]) > MAX_RULE_SERIES:
+        raise Reject(f"record on {topic}: at most {MAX_RULE_SERIES} series, got "
+                     f"{len(data['series'])}")
     series = {}
     for name, s in data["series"].items():
         if isinstance(s, dict) and s.get("state") == FIRING and is_number(s.get("since")):

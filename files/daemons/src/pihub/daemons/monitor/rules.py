@@ -20,7 +20,10 @@ from typing import TYPE_CHECKING
 
 from paho.mqtt.client import topic_matches_sub  # a pure function: matching, not talking
 
-from pihub.topics import Measurement
+from pihub.topics import Measurement, Reject
+
+#: series (topics) a monitor keeps the latest value of for its rules; a new one beyond is rejected
+MAX_RULE_SERIES = 1000
 
 if TYPE_CHECKING:
     from . import Rule
@@ -128,6 +131,9 @@ class Rules:
         rules = self.matching(m)
         if not rules:
             return []
+        if topic not in self.latest and len(self.latest) >= MAX_RULE_SERIES:
+            raise Reject(f"{topic}: the rules watch {MAX_RULE_SERIES} series already; a new "
+                         "one is not watched")
         self.latest[topic] = m
         if not self.settled:
             return []

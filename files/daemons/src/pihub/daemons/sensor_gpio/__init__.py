@@ -23,7 +23,6 @@ input: ``0``, ``1``, or a JSON list such as ``[1, 0, 1]`` applied at once (a bou
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
 import time
@@ -34,9 +33,14 @@ from typing import Any, Literal
 from pihub.bus import Message
 from pihub.config import BaseConfig, ConfigError, setting
 from pihub.daemon import Daemon
-from pihub.topics import SEGMENT, Reject
+from pihub.topics import SEGMENT, Reject, decode_json, shown
 
 from .backends import Backend, BackendError, SimulatedBackend, make_backend
+
+#: levels in one ``sim`` list (each is debounced and may publish: a long list stalls the daemon)
+MAX_SIM_LEVELS = 1000
+#: characters of a JSON command (``{"state": 0}`` is 12)
+MAX_COMMAND_BYTES = 256
 
 
 @dataclass(kw_only=True)
@@ -194,31 +198,35 @@ def parse_command(text: str, topic: str, current: int) -> int:
     if word == "toggle":
         return 1 - current
     if word.startswith("{"):
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise Reject(f"command on {topic} is not valid JSON ({exc}): {text[:60]!r}") from None
+        if len(text) > MAX_COMMAND_BYTES:
+            raise Reject(f"command on {topic}: at most {MAX_COMMAND_BYTES} characters, got "
+                         f"{len(text)}: {shown(text)}")
+        data = decode_json(text.encode("utf-8"), topic)
         state = data.get("state") if isinstance(data, dict) else None
         if type(state) is int and state in (0, 1):
             return state
-        raise Reject(f"command on {topic}: 'state' must be 0 or 1, got {state!r}")
+        raise Reject(f"command on {topic}: 'state' must be 0 or 1, got {shown(state)}")
     raise Reject(f"command on {topic}: expected on, off, toggle or {{\"state\": 0|1}}, "
-                 f"got {text[:60]!r}")
+                 f"got {shown(text)}")
 
 
 def parse_levels(text: str, topic: str) -> list[int]:
-    """A sim payload: ``0``, ``1`` or a JSON list of them."""
+    """A sim payload: ``0``, ``1`` or a JSON list of at most MAX_SIM_LEVELS of them."""
     word = text.strip()
     if word in ("0", "1"):
         return [int(word)]
     if word.startswith("["):
-        try:
-            data = json.loads(word)
-        except ValueError as exc:
-            raise Reject(f"payload on {topic} is not valid JSON ({exc}): {word[:60]!r}") from None
+        # "[0, 1, ...]" of MAX_SIM_LEVELS levels is shorter than this (unless padded with spaces)
+        if len(word) > 8 * MAX_SIM_LEVELS + 2:
+            raise Reject(f"payload on {topic}: a list of at most {MAX_SIM_LEVELS} levels, got "
+                         f"{len(word)} characters: {shown(word)}")
+        data = decode_json(word.encode("utf-8"), topic)
+        if isinstance(data, list) and len(data) > MAX_SIM_LEVELS:
+            raise Reject(f"payload on {topic}: a list of at most {MAX_SIM_LEVELS} levels, got "
+                         f"{len(data)}")
         if isinstance(data, list) and data and all(type(v) is int and v in (0, 1) for v in data):
             return data
-    raise Reject(f"payload on {topic}: expected 0, 1 or a JSON list of 0/1, got {word[:60]!r}")
+    raise Reject(f"payload on {topic}: expected 0, 1 or a JSON list of 0/1, got {shown(word)}")
 
 
 class GpioSensor(Daemon[Config]):
@@ -359,7 +367,7 @@ class GpioSensor(Daemon[Config]):
         with self._lock:
             out = self.outputs.get(target)
             if out is None:
-                raise Reject(f"command on {msg.topic}: no output {target!r}; outputs: "
+                raise Reject(f"command on {shown(msg.topic)}: no output {shown(target)}; outputs: "
                              f"{', '.join(self.outputs) or 'none'}")
             if msg.retain:
                 raise Reject(f"command on {msg.topic} is retained; send commands without "
@@ -400,14 +408,14 @@ class GpioSensor(Daemon[Config]):
         name = msg.topic.rsplit("/", 1)[-1]
         inp = self.inputs.get(name)
         if inp is None:
-            raise Reject(f"sim level on {msg.topic}: no input {name!r}; inputs: "
+            raise Reject(f"sim level on {shown(msg.topic)}: no input {shown(name)}; inputs: "
                          f"{', '.join(self.inputs) or 'none'}")
         levels = parse_levels(msg.text(), msg.topic)
         backend = self.backend
         assert isinstance(backend, SimulatedBackend)
         for level in levels:
             backend.drive(inp.cfg.pin, level)
-        self.log.debug("sim: %s driven %s", name, levels)
+        self.log.debug("sim: %s driven %s", name, shown(levels))
 
 
 main = GpioSensor.main

@@ -21,9 +21,15 @@ sensor whose clock went back) is counted as ``stale`` and logged at debug level.
 be created or written (permissions, full disk) is logged once per series and counted as
 ``write_errors``; the other series go on.
 
+At most ``max_series`` series (RRD files in ``rrd_dir``, those there at start included) are kept:
+a message of a new series beyond them is rejected and counted (``rejected`` and
+``series_refused``), logged once per heartbeat interval, and no file is created; the series
+already there go on. A unit is at most ``pihub.topics.MAX_UNIT`` characters (contract §2), so
+a sidecar stays small.
+
 Publishes nothing of its own besides ``<root>/store-rrd/status`` and ``.../meta`` (counters
-``stored``, ``created``, ``stale``, ``write_errors``, ``rrdcached_errors``; ``series`` and
-``rrdcached`` state in the heartbeat).
+``stored``, ``created``, ``stale``, ``write_errors``, ``rrdcached_errors``, ``series_refused``;
+``series`` and ``rrdcached`` state in the heartbeat).
 
 ``pihub-store-rrd --graph [SERIES...]`` renders PNG graphs (last day, week, month, year) of the
 series (``location/quantity``; all of them by default) into ``--out``: the daemon's second
@@ -91,6 +97,11 @@ class Config(BaseConfig):
         min=STEP, max=86400,
     )
     rrdtool: str = setting("rrdtool", "The rrdtool program (a name on PATH or a path).")
+    max_series: int = setting(
+        1000, "Most series (RRD files of about 490 kB each) kept in rrd_dir; a message of a new "
+        "series beyond them is rejected, counted (series_refused) and logged once per "
+        "heartbeat interval.", min=1,
+    )
 
 
 class RrdError(Exception):
@@ -309,6 +320,10 @@ class StoreRrd(Daemon[Config]):
         self._cached_down_until = 0.0
         self._series: dict[tuple[str, str], Series] = {}
         self._failing: set[tuple[str, str]] = set()
+        #: the series with a file in rrd_dir (found at start, or created since)
+        self._known: set[tuple[str, str]] = set()
+        self._refused_since_log = 0
+        self._refused_log_at = 0.0
         self._lock = threading.Lock()
 
     def setup(self) -> None:
@@ -323,10 +338,18 @@ class StoreRrd(Daemon[Config]):
             self.count("errors")
             self.log.error("rrd_dir %s cannot be made: %s; every series will fail until it can",
                            self.rrd_dir, exc)
+        self._known = {(p.parent.name, p.stem) for p in self.rrd_dir.glob("*/*.rrd")}
         mode = f"through rrdcached at {self.config.rrdcached_socket}" if self.cached else \
             "directly (no rrdcached_socket)"
-        self.log.info("storing into %s, %s", self.rrd_dir, mode)
+        self.log.info("storing into %s, %s; %d series there (max_series=%d)", self.rrd_dir,
+                      mode, len(self._known), self.config.max_series)
+        for counter in ("stored", "created", "stale", "write_errors", "rrdcached_errors",
+                        "series_refused"):
+            self.count(counter, 0)  # every counter in every heartbeat, from the start
         self.subscribe_data(self.store)
+
+    def reload(self, new: Config, changed: set[str]) -> set[str]:
+        return changed & {"max_series"}
 
     def shutdown(self) -> None:
         with self._lock:
@@ -336,7 +359,7 @@ class StoreRrd(Daemon[Config]):
 
     def heartbeat_extra(self) -> dict[str, Any]:
         with self._lock:
-            n = len(self._series)
+            n = len(self._known)
         state = "off" if self.cached is None else (
             "down" if self._cached_down_until > time.monotonic() else "up")
         return {"series": n, "rrdcached": state}
@@ -346,6 +369,12 @@ class StoreRrd(Daemon[Config]):
     def store(self, m: Measurement, msg: Message) -> None:
         key = (m.location, m.quantity)
         with self._lock:
+            if key not in self._known:
+                if len(self._known) >= self.config.max_series and \
+                        not series_paths(self.rrd_dir, *key)[0].exists():
+                    self._refuse_series(msg.topic)
+                    return
+                self._known.add(key)
             try:
                 series = self._series.get(key)
                 if series is None or series.unit != m.unit:
@@ -370,6 +399,21 @@ class StoreRrd(Daemon[Config]):
             if key in self._failing:
                 self._failing.discard(key)
                 self.log.info("%s/%s is stored again", m.location, m.quantity)
+
+    def _refuse_series(self, topic: str) -> None:
+        """A message of a new series beyond max_series: counted; logged once per interval."""
+        self.count("rejected")
+        self.count("series_refused")
+        self._refused_since_log += 1
+        now = time.monotonic()
+        if now < self._refused_log_at:
+            return
+        self._refused_log_at = now + self.config.heartbeat_interval
+        self.log.warning("rejected %d message(s) of new series, the last on %s: max_series=%d "
+                         "series are kept already (next such line in %g s at the earliest)",
+                         self._refused_since_log, topic, self.config.max_series,
+                         self.config.heartbeat_interval)
+        self._refused_since_log = 0
 
     def _open(self, m: Measurement, topic: str) -> Series:
         """The series of ``m``, its file created if missing, its sidecar up to date."""
