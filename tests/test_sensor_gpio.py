@@ -369,3 +369,28 @@ def test_simulated_backend_never_imports_rpi_gpio(start_daemon, observe, topic_r
     start_daemon("sensor_gpio", gpio_config(tmp_path), env=fake_rpi_env(tmp_path))
     started(obs, topic_root)
     assert rpi_calls(tmp_path) == []  # the fake records its own import
+
+
+def test_sim_lists_longer_than_the_limit_and_deep_commands_are_rejected_at_once(
+        start_daemon, observe, topic_root, tmp_path: Path) -> None:
+    obs: Observer = observe(f"{topic_root}/sensor-gpio/#")
+    d: DaemonProcess = start_daemon("sensor_gpio", gpio_config(tmp_path))
+    started(obs, topic_root)
+    obs.publish(f"{topic_root}/sim/sensor-gpio/front_door", json.dumps([0, 1] * 100_000))
+    obs.publish(f"{topic_root}/sim/sensor-gpio/front_door", "[" * 200_000)
+    obs.publish(f"{topic_root}/cmd/sensor-gpio/heater", '{"state":' * 100 + "1" + "}" * 100)
+    obs.publish(f"{topic_root}/sim/sensor-gpio/front_door", json.dumps([0, 1] * 500))
+    counters = counters_reach(obs, topic_root, rejected=3, edges=900)
+    assert counters["rejected"] == 3 and counters["errors"] == 0
+    assert "a list of at most 1000 levels" in d.output() and "Traceback" not in d.output()
+    assert max(len(line) for line in d.output().splitlines()) < 600
+
+
+def test_level_and_command_parsers_bound_what_they_decode() -> None:
+    with pytest.raises(Reject, match="at most 1000 levels"):
+        parse_levels(json.dumps([1] * 1001), "t")
+    assert len(parse_levels(json.dumps([1] * 1000), "t")) == 1000
+    with pytest.raises(Reject, match="deeper than 32"):
+        parse_levels("[" * 100 + "]" * 100, "t")
+    with pytest.raises(Reject, match="at most 256 characters"):
+        parse_command('{"state": 1' + " " * 300 + "}", "t", 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -464,3 +465,45 @@ def test_missing_rrdtool_program_stops_with_config_error(start_daemon, rrd_dir):
     d = start_daemon("store_rrd", {"rrd_dir": str(rrd_dir), "rrdtool": "no-such-rrdtool"})
     assert d.proc.wait(20) == 78
     assert "rrdtool: program 'no-such-rrdtool' not found" in d.output()
+
+
+# --------------------------------------------------------------------------- limits
+
+
+def test_new_series_beyond_max_series_are_refused_counted_and_logged_once(store, observe,
+                                                                          topic_root, rrd_dir):
+    (rrd_dir / "old").mkdir()
+    subprocess.run([RRDTOOL, "create", str(rrd_dir / "old" / "temperature.rrd"), "--step", "60",
+                    "DS:value:GAUGE:300:U:U", "RRA:AVERAGE:0.5:1:10"], check=True)
+    d, _ = store("direct", max_series=3, heartbeat_interval=60)
+    obs = observe(f"{topic_root}/store-rrd/meta")
+    now = time.time()
+    for i in range(10):
+        obs.publish(f"{topic_root}/data/room{i}/temperature", measurement(20 + i, now))
+    obs.publish(f"{topic_root}/data/old/temperature", measurement(1.5, now))
+    obs.publish(f"{topic_root}/data/room0/temperature", measurement(21.5, now + 60))
+    obs.publish(f"{topic_root}/data/room0/temperature", b"end-of-test")  # in order, last
+    d.wait_log("end-of-test", timeout=20)
+    d.signal(signal.SIGTERM)  # the stopping event carries the final counters
+    final = obs.wait_for(f"{topic_root}/store-rrd/meta",
+                         lambda m: m.json()["event"] == "stopping", timeout=20)[0].json()
+    c = final["counters"]
+    assert (c["stored"], c["created"], c["series_refused"], c["rejected"]) == (4, 2, 8, 9)
+    assert final["series"] == 3
+    assert sorted(str(p.relative_to(rrd_dir)) for p in rrd_dir.rglob("*.rrd")) == [
+        "old/temperature.rrd", "room0/temperature.rrd", "room1/temperature.rrd"]
+    refused = [line for line in d.output().splitlines() if "message(s) of new series" in line]
+    assert len(refused) == 1 and "max_series=3" in refused[0]
+
+
+def test_a_unit_too_long_for_the_sidecar_is_rejected_and_creates_nothing(store, observe,
+                                                                        topic_root, rrd_dir):
+    d, _ = store("direct")
+    obs = observe(f"{topic_root}/store-rrd/meta")
+    now = time.time()
+    obs.publish(f"{topic_root}/data/lab/temperature", measurement(1, now, unit="u" * 100_000))
+    obs.publish(f"{topic_root}/data/lab/humidity", measurement(50, now, unit="%"))
+    counters(obs, topic_root, lambda c: c["rejected"] == 1 and c.get("stored") == 1,
+             "1 rejected, 1 stored")
+    assert sorted(p.name for p in rrd_dir.rglob("*")) == ["humidity.json", "humidity.rrd", "lab"]
+    assert max(len(line) for line in d.output().splitlines()) < 600

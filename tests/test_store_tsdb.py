@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -382,3 +383,27 @@ def test_a_spool_in_the_format_of_an_earlier_version_is_replayed_after_the_upgra
     assert "took over 27 point(s) from the spool format of an earlier version" in d.output()
     assert not old.exists()
     assert len(vm.export("temperature_value")[("cellar", HOST)]) == 27
+
+
+def test_new_series_beyond_max_series_are_refused_counted_logged_once_and_never_stored(
+        vm, store, observe, topic_root):
+    obs = observe(f"{topic_root}/store-tsdb/#")
+    d = store(vm.url, max_series=3, heartbeat_interval=60)
+    obs.wait_for(f"{topic_root}/store-tsdb/status", lambda m: m.text == "online", timeout=20)
+    for i in range(10):
+        obs.publish(f"{topic_root}/data/room{i}/temperature",
+                    {"value": 20.0 + i, "unit": "°C", "ts": 1700000000 + i})
+    obs.publish(f"{topic_root}/data/room0/temperature",
+                {"value": 30.0, "unit": "°C", "ts": 1700000100})
+    obs.publish(f"{topic_root}/data/room0/temperature", b"end-of-test")  # in order, last
+    d.wait_log("end-of-test", timeout=20)
+    assert stored(vm, "temperature", "room0", 2) == [(1700000000000, 20.0),
+                                                     (1700000100000, 30.0)]
+    d.signal(signal.SIGTERM)  # the stopping event carries the final counters
+    final = heartbeat(obs, topic_root, lambda m: m["event"] == "stopping")
+    c = final["counters"]
+    assert (c["written"], c["series_refused"], c["rejected"]) == (4, 7, 8)
+    assert final["series"] == 3
+    assert sorted(vm.export("temperature_value")) == [(f"room{i}", HOST) for i in range(3)]
+    refused = [line for line in d.output().splitlines() if "message(s) of new series" in line]
+    assert len(refused) == 1 and "max_series=3" in refused[0]
