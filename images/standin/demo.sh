@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # `make demo`: builds the stand-in Pi, starts it as container pihub-demo, provisions it with
-# playbooks/site.yml exactly as a Pi (example inventory, example vault, which only a stand-in may
-# use: pihub_allow_demo_secrets; the outside world served
-# by local fixtures, as in Molecule), then shows the heartbeats of every daemon for DEMO_SECONDS
-# (default 60) from inside the container.
+# playbooks/site.yml exactly as a Pi (example inventory, example vault, whose placeholders only a
+# stand-in may use: pihub_allow_demo_secrets; the outside world served by local fixtures, as in
+# Molecule), then shows the heartbeats of every daemon for DEMO_SECONDS (default 60) from inside
+# the container.
 # The container keeps running afterwards; remove it with `docker rm -f pihub-demo`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
