@@ -7,7 +7,9 @@ process, then:
   publisher can and reports measurements/s from the first publish until all N are queryable in
   VictoriaMetrics, plus the daemon's CPU seconds and peak RSS (VmHWM);
 * ``--outage S``: publishes at ``--rate`` per second for ``--duration`` seconds, stops
-  VictoriaMetrics for S seconds in the middle, and reports how many points were lost.
+  VictoriaMetrics for S seconds in the middle, and reports how many points were lost and how
+  many were stored twice, each counted on its own over distinct (series, timestamp) points: a
+  loss and a duplicate never cancel out.
 
     python3 bench/store_throughput/tsdb.py                 # 100000 as fast as possible
     python3 bench/store_throughput/tsdb.py --outage 60     # 1000/s, 60 s without the DB
@@ -108,9 +110,19 @@ class Publisher:
                     self.acked += 1
                 buf = buf[size:]
 
-    def packet(self, i: int, base: float) -> bytes:
+    @staticmethod
+    def ts(i: int, base: float) -> float:
         # unique ms per series: message i of series i % SERIES is 1 ms after the previous one
-        ts = round(base + (i // SERIES) * 0.001, 3)
+        return round(base + (i // SERIES) * 0.001, 3)
+
+    @staticmethod
+    def point(i: int, base: float) -> tuple[str, str, int]:
+        """The (location, metric, ts in ms) that message ``i`` becomes in VictoriaMetrics."""
+        k = i % SERIES
+        return f"loc{k // 10}", f"q{k % 10}_value", round(Publisher.ts(i, base) * 1000)
+
+    def packet(self, i: int, base: float) -> bytes:
+        ts = self.ts(i, base)
         payload = f'{{"value":{i % 1000 / 10},"unit":"°C","ts":{ts}}}'.encode()
         topic = self.topics[i % SERIES]
         body = struct.pack("!H", len(topic)) + topic + struct.pack("!H", i % 65535 + 1) \
@@ -253,16 +265,36 @@ def outage_run(args: argparse.Namespace, pub: Publisher, vm: VictoriaMetrics,
     if state == "down":
         vm.start()
     t_end = time.monotonic()
-    pub.wait(lambda: vm.count("q[0-9]_value") >= n, 600, f"{n} points in the DB")
+    try:
+        pub.wait(lambda: vm.count("q[0-9]_value") >= n, 600, f"{n} points in the DB")
+    except AssertionError as exc:  # points lost: count them below rather than stop here
+        print(f"{exc}; counting what is there", file=sys.stderr)
     stored_at = time.monotonic()
-    stored = vm.count("q[0-9]_value")
+    published = {Publisher.point(i, base) for i in range(n)}
+    samples = stored_points(vm)
+    distinct = set(samples)
     return {
         "mode": "outage", "rate_per_s": args.rate, "duration_s": duration,
-        "outage_s": args.outage, "measurements": n, "stored": stored,
-        "lost": n - stored if stored < n else 0, "duplicates": max(0, stored - n),
+        "outage_s": args.outage, "measurements": n, "stored_samples": len(samples),
+        "stored_distinct_points": len(distinct),
+        # each on its own: a point lost and another stored twice do not cancel out
+        "lost": len(published - distinct),
+        "duplicates": len(samples) - len(distinct),
+        "unexpected": len(distinct - published),
         "max_spool_bytes_seen": max_spool,
         "all_stored_s_after_last_publish": round(stored_at - t_end, 1),
     }
+
+
+def stored_points(vm: VictoriaMetrics) -> list[tuple[str, str, int]]:
+    """Every sample of the benchmark's series as (location, metric, ts in ms), one per sample
+    (VictoriaMetrics' export gives each series' timestamps; a duplicate appears twice)."""
+    out = []
+    for d in range(10):
+        metric = f"q{d}_value"
+        for (location, _host), rows in vm.export(metric).items():
+            out += [(location, metric, ts) for ts, _value in rows]
+    return out
 
 
 if __name__ == "__main__":
