@@ -266,3 +266,17 @@ def test_delay_is_the_same_whatever_the_hour(hour):
     deps, _ = parse_board((FIXTURES / "clock.html").read_bytes(), sel(CLOCK), now, 10)
     assert {d["line"]: d["delay_min"] for d in deps} == {
         "RE 1": 6, "S 5": None, "RB 23": 2, "S 7": 0, "ICE 1008": None}
+
+
+def test_text_from_a_hostile_page_is_cut_to_max_text():
+    from pihub.topics import MAX_TEXT
+
+    long = "X" * 100_000
+    html = (f"<table><tr><td class='line'>{long}</td><td class='destination'>{long}</td>"
+            f"<td class='time'>in 5 min</td><td class='platform'>{long}</td></tr></table>")
+    spec = {"row": "tr", "line": "td.line", "destination": "td.destination", "time": "td.time",
+            "platform": "td.platform"}
+    now = datetime(2024, 6, 1, 12, 0, tzinfo=ZoneInfo("Europe/Berlin"))
+    deps, _ = parse_board(html, sel(spec), now, 5)
+    assert [len(deps[0][k]) for k in ("line", "destination", "platform")] == [MAX_TEXT] * 3
+    assert deps[0]["destination"].endswith("…")

@@ -847,3 +847,44 @@ def test_rule_template_with_an_unknown_field_fails_the_config_check() -> None:
     Config(rules=[wet()]).check()
     with pytest.raises(ConfigError, match="duplicate rule name 'wet'"):
         Config(rules=[wet(), wet(above=80.0)]).check()
+
+
+# --------------------------------------------------------------------------- limits
+
+
+def test_liveness_watches_at_most_max_daemons_and_rejects_one_more():
+    from pihub.daemons.monitor.liveness import MAX_DAEMONS
+
+    live = Liveness()
+    for i in range(MAX_DAEMONS):
+        live.saw_status(f"d{i}", "online", False, T0, 1)
+    with pytest.raises(Reject, match=f"beyond the {MAX_DAEMONS} watched"):
+        live.saw_meta("one-more", meta("one-more"), False, T0)
+    live.saw_status("d0", "offline", False, T0, 1)  # a known one goes on
+    for i in range(10 * MAX_DAEMONS):
+        live.reject(f"unknown{i}")
+    assert len(live.daemons) == MAX_DAEMONS and len(live._rejected_unknown) <= MAX_DAEMONS
+
+
+def test_rules_watch_at_most_max_rule_series_and_reject_one_more():
+    from pihub.daemons.monitor.rules import MAX_RULE_SERIES
+
+    rules = settled(Rule(name="hot", topic="+/temperature", above=1000.0))
+    for i in range(MAX_RULE_SERIES):
+        rules.measure(f"pihub/data/r{i}/temperature",
+                      Measurement(f"r{i}", "temperature", 20.0, "°C", T0), T0)
+    with pytest.raises(Reject, match=f"watch {MAX_RULE_SERIES} series already"):
+        rules.measure("pihub/data/new/temperature",
+                      Measurement("new", "temperature", 20.0, "°C", T0), T0)
+    rules.measure("pihub/data/r0/temperature", Measurement("r0", "temperature", 21.0, "°C", T0),
+                  T0)  # a known one goes on
+    assert len(rules.latest) == MAX_RULE_SERIES
+
+
+def test_a_rule_record_with_too_many_series_is_rejected():
+    from pihub.daemons.monitor.rules import MAX_RULE_SERIES
+
+    series = {f"pihub/data/r{i}/t": {"state": "firing", "since": T0}
+              for i in range(MAX_RULE_SERIES + 1)}
+    with pytest.raises(Reject, match=f"at most {MAX_RULE_SERIES} series"):
+        persistence.rule_restored("pihub/monitor/rules/hot", {"series": series})

@@ -34,7 +34,7 @@ from typing import Any
 from pihub.bus import Message
 from pihub.config import BaseConfig, ConfigError, setting
 from pihub.daemon import Daemon
-from pihub.topics import SEGMENT, Reject, parse_measurement, shown
+from pihub.topics import MAX_SEGMENT, SEGMENT, Reject, parse_measurement, shown
 
 from . import persistence
 from .liveness import CHANGE, MAX_META_BYTES, SUMMARY, Event, Liveness, parse_meta, parse_status
@@ -229,8 +229,9 @@ class Monitor(Daemon[Config]):
         name = topic[len(prefix):-len(kind) - 1] if topic.startswith(prefix) else ""
         if name == self.name or name in RESERVED:
             return None  # the monitor cannot report on itself; notify/status is no daemon
-        if not SEGMENT.match(name):
-            raise Reject(f"topic {shown(topic)}: daemon name must be lower-case [a-z0-9_-]+")
+        if not SEGMENT.match(name) or len(name) > MAX_SEGMENT:
+            raise Reject(f"topic {shown(topic)}: daemon name must be lower-case [a-z0-9_-]+ of "
+                         f"at most {MAX_SEGMENT} characters")
         return name
 
     def _reject(self, name: str, exc: Reject) -> None:
