@@ -241,7 +241,8 @@ class Bus:
     def stalled(self) -> str | None:
         """Why MQTT handling looks stuck, or None while it makes progress (module docstring).
 
-        Called from the daemon's main loop; reads two values the network thread writes whole.
+        Called from the daemon's main loop; reads values the network thread writes whole,
+        without the bus's lock (a network thread stuck holding it must not hang the caller).
         """
         now = time.monotonic()
         running = self._running
@@ -252,7 +253,7 @@ class Bus:
                         f"{now - started:.0f} s (limit {self.stall_after:g} s)")
             return None
         silent = now - self._last_sign
-        if self.connected:
+        if self._connected:
             if silent > self.stall_after:
                 return f"the MQTT network thread has been silent for {silent:.0f} s"
             return None
