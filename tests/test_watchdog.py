@@ -1,9 +1,10 @@
 """systemd's watchdog sees the whole daemon, and the library's guard bounds what one message
 costs: real daemon processes, a real Mosquitto, and a notify socket standing in for systemd.
 
-systemd restarts a ``WatchdogSec=W`` unit that sent no WATCHDOG=1 for W seconds (SIGABRT, then
-``Restart=on-failure``), so "killed and restarted" shows here as: the pings stop for longer
-than W while the process (and its main loop) still runs. The unit itself is Molecule's to run.
+systemd kills a ``WatchdogSec=W`` unit that sent no WATCHDOG=1 for W seconds (SIGABRT) and
+``Restart=on-failure`` starts it again; here the test plays systemd on the notify socket (the
+unit itself is Molecule's to run): "killed" shows as the pings stopping for longer than W while
+the process, and its main loop, still runs.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import itertools
 import re
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -28,9 +30,10 @@ class NotifySocket:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the sender's pid
         self.sock.bind(str(path))
         self.sock.settimeout(0.2)
-        self.got: list[tuple[float, str]] = []
+        self.got: list[tuple[float, str, int]] = []
         self.lock = threading.Lock()
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._receive, daemon=True)
@@ -39,32 +42,36 @@ class NotifySocket:
     def _receive(self) -> None:
         while not self.done.is_set():
             try:
-                data = self.sock.recv(4096)
+                data, ancillary, _flags, _addr = self.sock.recvmsg(
+                    4096, socket.CMSG_SPACE(struct.calcsize("3i")))
             except TimeoutError:
                 continue
+            pid = next((struct.unpack("3i", cred[:12])[0] for level, kind, cred in ancillary
+                        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS), 0)
             with self.lock:
-                self.got.append((time.monotonic(), data.decode()))
+                self.got.append((time.monotonic(), data.decode(), pid))
 
     def env(self) -> dict[str, str]:
         return {"NOTIFY_SOCKET": str(self.path), "WATCHDOG_USEC": str(int(WINDOW * 1e6))}
 
-    def pings(self, since: float = 0.0) -> list[float]:
+    def pings(self, since: float = 0.0, pid: int | None = None) -> list[float]:
         with self.lock:
-            return [at for at, text in self.got if "WATCHDOG=1" in text and at >= since]
+            return [at for at, text, sender in self.got if "WATCHDOG=1" in text
+                    and at >= since and pid in (None, sender)]
 
-    def texts(self) -> list[str]:
+    def texts(self, pid: int | None = None) -> list[str]:
         with self.lock:
-            return [text for _at, text in self.got]
+            return [text for _at, text, sender in self.got if pid in (None, sender)]
 
-    def silent_for(self) -> float:
-        """Seconds since the last WATCHDOG=1 (or since the first datagram)."""
+    def silent_for(self, pid: int) -> float:
+        """Seconds since ``pid``'s last WATCHDOG=1, as systemd's watchdog counts them."""
         with self.lock:
-            times = [at for at, text in self.got if "WATCHDOG=1" in text] or [
-                self.got[0][0]]
+            times = [at for at, text, sender in self.got if sender == pid and (
+                "WATCHDOG=1" in text or "READY=1" in text)]
         return time.monotonic() - times[-1]
 
-    def wait_ready(self) -> None:
-        wait_until(lambda: any("READY=1" in t for t in self.texts()), 15, "READY=1")
+    def wait_ready(self, pid: int) -> None:
+        wait_until(lambda: any("READY=1" in t for t in self.texts(pid)), 15, f"READY=1 of {pid}")
 
     def close(self) -> None:
         self.done.set()
@@ -83,40 +90,45 @@ def longest_gap(pings: list[float]) -> float:
     return max((b - a for a, b in itertools.pairwise(pings)), default=0.0)
 
 
-def test_a_stuck_handler_stops_the_watchdog_while_the_main_loop_runs(
+def test_a_daemon_stuck_in_a_handler_is_killed_and_restarted_by_the_watchdog(
         start_daemon, observe, notify: NotifySocket, topic_root):
-    d = start_daemon("pihub_probe", env=notify.env())
-    notify.wait_ready()
-    wait_until(lambda: len(notify.pings()) >= 2, 15, "WATCHDOG=1 while healthy")
+    d = start_daemon("pihub_probe", env=notify.env(), name="stuck")
+    notify.wait_ready(d.pid)
+    wait_until(lambda: len(notify.pings(pid=d.pid)) >= 2, 15, "WATCHDOG=1 while healthy")
     obs: Observer = observe()
-    obs.publish(f"{topic_root}/probe/sleep", "30")
-    d.wait_log("sleeping 30 s in the handler")
-    # systemd would now kill it: no WATCHDOG=1 for a whole WatchdogSec ...
-    wait_until(lambda: notify.silent_for() > WINDOW, 20, "a WatchdogSec without WATCHDOG=1")
-    # ... while the process and its main loop still run, and say why in the log and STATUS=
+    obs.publish(f"{topic_root}/probe/sleep", "60")
+    d.wait_log("sleeping 60 s in the handler")
+    # a whole WatchdogSec without WATCHDOG=1: systemd kills it ...
+    wait_until(lambda: notify.silent_for(d.pid) > WINDOW, 20, "a WatchdogSec without a ping")
+    # ... though the process and its main loop still run, saying why in the log and STATUS=
     assert d.proc.poll() is None
     d.wait_log("MQTT handling is stalled: the handler for ")
-    assert any("STATUS=MQTT handling is stalled" in t for t in notify.texts())
+    assert any("STATUS=MQTT handling is stalled" in t for t in notify.texts(d.pid))
     assert d.output().count("MQTT handling is stalled") == 1  # once per stall
+    d.kill()  # systemd's WatchdogSignal is SIGABRT; SIGKILL here leaves no core file
+    # Restart=on-failure: the daemon started again is ready and healthy
+    again = start_daemon("pihub_probe", env=notify.env(), name="restarted")
+    notify.wait_ready(again.pid)
+    wait_until(lambda: len(notify.pings(pid=again.pid)) >= 2, 15, "WATCHDOG=1 after restart")
 
 
 def test_the_watchdog_is_fed_again_when_a_slow_handler_returns(
         start_daemon, observe, notify: NotifySocket, topic_root):
     d = start_daemon("pihub_probe", env=notify.env())
-    notify.wait_ready()
+    notify.wait_ready(d.pid)
     obs: Observer = observe()
     obs.publish(f"{topic_root}/probe/sleep", "5")
     d.wait_log("MQTT handling is stalled", timeout=15)
     d.wait_log("MQTT handling is moving again", timeout=20)
     resumed = time.monotonic()
-    wait_until(lambda: len(notify.pings(since=resumed)) >= 2, 15, "WATCHDOG=1 again")
+    wait_until(lambda: len(notify.pings(resumed, d.pid)) >= 2, 15, "WATCHDOG=1 again")
     assert "the handler for " in d.output() and " took 5." in d.output()
 
 
 def test_an_idle_healthy_daemon_keeps_feeding_the_watchdog(start_daemon,
                                                            notify: NotifySocket):
     d = start_daemon("pihub_probe", {"heartbeat_interval": 30}, env=notify.env())
-    notify.wait_ready()
+    notify.wait_ready(d.pid)
     since = time.monotonic()
     # nothing comes in: the network loop going round is progress enough
     wait_until(lambda: len(notify.pings(since)) >= 6, 30, "six pings of an idle daemon")
@@ -130,7 +142,7 @@ def test_a_daemon_keeps_feeding_the_watchdog_while_the_broker_is_away(
     # between two attempts the network thread sleeps 3 s, longer than a handler may run
     d = start_daemon("pihub_probe", {"mqtt": {"reconnect_min": 3, "reconnect_max": 3}},
                      env=notify.env())
-    notify.wait_ready()
+    notify.wait_ready(d.pid)
     broker.stop()
     d.wait_log("lost the broker")
     since = time.monotonic()
