@@ -167,3 +167,14 @@ def test_every_daemon_module_has_a_console_script():
     found = {p.stem if p.is_file() else p.name for p in package.iterdir()
              if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").exists()}
     assert found == {module for _, module in _daemon_modules()}
+
+
+def test_a_configured_topic_segment_longer_than_the_contract_allows_is_a_config_error(tmp_path):
+    """A location that would make every publish fail is refused at start, naming the key."""
+    path = tmp_path / "system.yml"
+    path.write_text(yaml.safe_dump({"location": "a" * 65}))
+    check = run_cli("sensor_system", "--check-config", str(path))
+    assert check.returncode == 78, check.stdout
+    assert "location:" in check.stderr
+    path.write_text(yaml.safe_dump({"location": "a" * 64}))
+    assert run_cli("sensor_system", "--check-config", str(path)).returncode == 0

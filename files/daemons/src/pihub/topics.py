@@ -14,12 +14,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-SEGMENT = re.compile(r"^[a-z0-9_-]+$")
-
 #: Limits on what any MQTT client can send (contract §6): a message within them costs a bounded
 #: amount of memory, disk and log; one beyond them is rejected.
 #: characters of a topic segment (<location>, <quantity>, <target>, ...): a file name at most
 MAX_SEGMENT = 64
+#: a topic segment; config keys that become one use its pattern, so they are bounded too
+SEGMENT = re.compile(rf"^[a-z0-9_-]{{1,{MAX_SEGMENT}}}$")
 #: nesting of JSON arrays and objects in any payload (Python's decoder would recurse deeper)
 MAX_DEPTH = 32
 #: bytes of a measurement payload (value, unit, ts and its extra keys)
