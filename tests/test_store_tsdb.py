@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import socket
@@ -319,6 +320,36 @@ def test_the_token_is_sent_as_influxdb_token_authorization(store, observe, topic
     assert request.args["precision"] == "ms"
     assert request.get_data().decode() == (
         f"temperature,location=kitchen,host={HOST} value=1.0 1700000000000")
+
+
+def test_username_and_password_file_are_sent_as_http_basic_auth(store, observe, topic_root,
+                                                                tmp_path, httpserver):
+    """VictoriaMetrics with -httpAuth.* refuses a write without them (the timeseries role)."""
+    password = tmp_path / "password"
+    password.write_text("s3cret pass\n")
+    httpserver.expect_request("/api/v2/write", method="POST").respond_with_data("", 204)
+    obs = observe(f"{topic_root}/store-tsdb/#")
+    store(httpserver.url_for("/").rstrip("/"), username="pihub-store-tsdb",
+          password_file=str(password))
+    heartbeat(obs, topic_root, lambda m: m["event"] == "heartbeat")
+    obs.publish(f"{topic_root}/data/kitchen/temperature",
+                {"value": 1, "unit": "°C", "ts": 1700000000})
+    wait_until(lambda: httpserver.log, 20, "a write request")
+    expected = base64.b64encode(b"pihub-store-tsdb:s3cret pass").decode()
+    assert httpserver.log[0][0].headers["Authorization"] == f"Basic {expected}"
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({"username": "u"}, "password_file: username and password_file go together"),
+    ({"password_file": "/p"}, "username: username and password_file go together"),
+    ({"username": "u", "password_file": "/p", "token_file": "/t"},
+     "token_file: give either token_file or username and password_file"),
+])
+def test_basic_auth_keys_are_checked_together(tmp_path, config, message):
+    path = write_config(tmp_path / "auth.yml", {"url": "http://127.0.0.1:8428", **config})
+    checked = run_cli("store_tsdb", "--check-config", str(path))
+    assert checked.returncode == 78
+    assert message in checked.stderr
 
 
 def test_state_file_keeps_the_last_stored_ts_per_topic(vm, store, observe, topic_root,

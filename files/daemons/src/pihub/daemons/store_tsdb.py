@@ -72,6 +72,12 @@ class Config(BaseConfig):
     token_file: str | None = setting(
         None, "File holding the API token (first line), or null for none (VictoriaMetrics)."
     )
+    username: str | None = setting(
+        None, "User name for HTTP basic auth (VictoriaMetrics' -httpAuth.username), or null.",
+    )
+    password_file: str | None = setting(
+        None, "File holding the HTTP basic auth password (first line); goes with username.",
+    )
     host_tag: str | None = setting(
         None, "Value of the points' host tag; null means this host's name."
     )
@@ -123,6 +129,12 @@ class Config(BaseConfig):
             raise ConfigError("retry_max", "must be >= retry_interval")
         if self.host_tag is not None and not self.host_tag.strip():
             raise ConfigError("host_tag", "must not be empty; use null for this host's name")
+        if (self.username is None) != (self.password_file is None):
+            raise ConfigError("password_file" if self.username else "username",
+                              "username and password_file go together (HTTP basic auth)")
+        if self.username is not None and self.token_file is not None:
+            raise ConfigError("token_file", "give either token_file or username and "
+                              "password_file, not both")
 
 
 def _escape_tag(value: str) -> str:
@@ -201,6 +213,8 @@ class StoreTsdb(Daemon[Config]):
         super().__init__(config, config_path)
         cfg = self.config
         self.token = read_secret(cfg.token_file, "token_file") if cfg.token_file else None
+        self.basic_auth = (f"{cfg.username}:{read_secret(cfg.password_file, 'password_file')}"
+                           if cfg.username and cfg.password_file else None)
         self.state_dir = state_directory(self.name, cfg.spool_dir)
         try:
             self.spool = PointSpool(self.state_dir, cfg.spool_max_bytes, self._spool_damaged)
@@ -238,7 +252,9 @@ class StoreTsdb(Daemon[Config]):
         for counter in COUNTERS:
             self.count(counter, 0)  # every counter in every heartbeat, from the start
         cfg = self.config
-        self.client = InfluxDBClient(url=cfg.url, token=self.token or "", org=cfg.org,
+        # HTTP basic auth: influxdb-client sends "Basic base64(token)" with auth_basic
+        self.client = InfluxDBClient(url=cfg.url, token=self.basic_auth or self.token or "",
+                                     auth_basic=self.basic_auth is not None, org=cfg.org,
                                      timeout=int(cfg.timeout * 1000), retries=False,
                                      enable_gzip=False)
         self.write_api = self.client.write_api(write_options=SYNCHRONOUS)
