@@ -78,7 +78,7 @@ class Config(BaseConfig):
     rrdcached_socket: str | None = setting(
         None,
         "rrdcached's unix socket (unix:/path or /path); null writes the files directly.",
-        example="unix:/run/rrdcached.sock",
+        example="unix:/run/rrdcached/rrdcached.sock",
         pattern=SOCKET_PATTERN,
     )
     rrdcached_timeout: float = setting(
