@@ -34,6 +34,8 @@ STRONG_VAULT: dict[str, Any] = {
     "vault_pihub_mqtt_secret": "test-only-7Qm2Vh9Lx4Rk8Pz3Wn6Tc",
     "vault_pushover_token": "test-only-a1b2c3d4e5f6g7h8i9j0k",
     "vault_pushover_user_key": "test-only-u1v2w3x4y5z6u7v8w9x0y",
+    "vault_timeseries_http_password": "test-only-h7J3kP9qW2eR5tY8uI1oA",
+    "vault_timeseries_delete_auth_key": "test-only-d4F6gH8jK1lZ3xC5vB7nM",
     "vault_mosquitto_extra_users": [
         {"name": "tasmota-plug-1", "password": "test-only-plug-Jx4Lq9Rz2Wv7",
          "acl": [{"topic": "tasmota/plug-1/#", "access": "readwrite"}]},
@@ -103,6 +105,8 @@ def test_example_vault_is_refused_naming_each_placeholder_before_anything_change
     result = checks(tmp_path, vault=VAULT)
     refused(result, "pihub_mqtt_secret still holds the example vault's value",
             "the secrets.token of daemon notify-pushover still holds the example vault's value",
+            "timeseries_delete_auth_key still holds the example vault's value",
+            "the secrets.http_password of daemon store-tsdb still holds the example vault's value",
             "pihub_allow_demo_secrets: true")
     assert "TASK [base" not in result.stdout, result.stdout
 
