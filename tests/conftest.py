@@ -24,11 +24,12 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 import yaml
+from notify_pushover_helpers import FakePushover
 from paho.mqtt.enums import CallbackAPIVersion
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
-from testkit.loopback import free_port, wait_until
+from testkit.loopback import VictoriaMetrics, free_port, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 SRC = REPO / "files" / "daemons" / "src"
@@ -349,3 +350,24 @@ def site() -> Iterator[Site]:
     s.release.set()
     server.clear()
     server.stop()
+
+
+# --------------------------------------------------------------------------- services
+
+
+@pytest.fixture
+def vm(tmp_path: Path) -> Iterator[VictoriaMetrics]:
+    workdir = tmp_path / "vm"
+    workdir.mkdir()
+    db = VictoriaMetrics(workdir)
+    db.start()
+    yield db
+    db.stop()
+
+
+@pytest.fixture
+def pushover() -> Iterator[FakePushover]:
+    fake = FakePushover()
+    fake.start()
+    yield fake
+    fake.close()

@@ -13,12 +13,11 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-import pytest
 from conftest import DaemonProcess, Observer, wait_until
 from notify_pushover_helpers import FakePushover
 
@@ -66,24 +65,6 @@ def flood_payload(i: int) -> bytes:
 
 
 # --------------------------------------------------------------------------- the daemons
-
-
-@pytest.fixture
-def vm(tmp_path: Path) -> Iterator[VictoriaMetrics]:
-    workdir = tmp_path / "vm"
-    workdir.mkdir()
-    db = VictoriaMetrics(workdir)
-    db.start()
-    yield db
-    db.stop()
-
-
-@pytest.fixture
-def pushover() -> Iterator[FakePushover]:
-    fake = FakePushover()
-    fake.start()
-    yield fake
-    fake.close()
 
 
 def start_all(start_daemon: Callable[..., DaemonProcess], tmp_path: Path, vm: VictoriaMetrics,

@@ -8,7 +8,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +27,6 @@ from pihub.daemons.notify_pushover import (
 from pihub.topics import Reject
 
 MODULE = "notify_pushover"
-
-
-@pytest.fixture
-def pushover() -> Iterator[FakePushover]:
-    fake = FakePushover()
-    fake.start()
-    yield fake
-    fake.close()
 
 
 def write_secrets(tmp_path: Path, token: str, user: str) -> dict[str, str]:
@@ -436,8 +428,6 @@ def test_parse_request_takes_whole_float_priority_and_ignores_extra_keys():
 
 
 # --------------------------------------------------------------------------- config
-
-
 
 
 @pytest.mark.parametrize(("config", "key"), [

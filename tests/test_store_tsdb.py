@@ -7,7 +7,7 @@ import json
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +17,6 @@ from pihub.durable import frame
 from store_tsdb_helpers import InfluxFront, VictoriaMetrics
 
 HOST = socket.gethostname()
-
-
-@pytest.fixture
-def vm(tmp_path: Path) -> Iterator[VictoriaMetrics]:
-    workdir = tmp_path / "vm"
-    workdir.mkdir()
-    db = VictoriaMetrics(workdir)
-    db.start()
-    yield db
-    db.stop()
 
 
 @pytest.fixture

@@ -44,6 +44,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 from . import __version__, logs
 from .bus import Bus, Counters, Handler, Message
 from .config import EX_CONFIG, BaseConfig, ConfigError, as_dict, example_text, load_file
+from .logs import clip
 from .systemd import Notifier
 from .topics import Measurement, Topics, encode_json, measurement_payload, parse_measurement
 
@@ -107,6 +108,9 @@ class Daemon(Generic[C]):
         self._stall_logged = False
         self._tasks: list[_Task] = []
         self._started = time.monotonic()
+        self._refused_lock = threading.Lock()
+        self._refused_since_log = 0
+        self._refused_log_at = 0.0
         self.bus = Bus(
             config.mqtt,
             client_id=config.mqtt.client_id or f"pihub-{self.name}-{self.host}",
@@ -172,6 +176,23 @@ class Daemon(Generic[C]):
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters.inc(name, n)
+
+    def refuse_new_series(self, topic: str, max_series: int) -> None:
+        """A message of a new series beyond a storage daemon's ``max_series``: counted in
+        ``rejected`` and ``series_refused``; one warning per heartbeat interval sums them up, so a
+        flood of new topics costs no disk and no log (contract section 6)."""
+        self.count("rejected")
+        self.count("series_refused")
+        with self._refused_lock:
+            self._refused_since_log += 1
+            now = time.monotonic()
+            if now < self._refused_log_at:
+                return
+            self._refused_log_at = now + self.config.heartbeat_interval
+            refused, self._refused_since_log = self._refused_since_log, 0
+        self.log.warning("rejected %d message(s) of new series, the last on %s: max_series=%d "
+                         "series are kept already (next such line in %g s at the earliest)",
+                         refused, clip(topic), max_series, self.config.heartbeat_interval)
 
     # ------------------------------------------------------------------ lifecycle
 

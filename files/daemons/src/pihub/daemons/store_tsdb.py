@@ -235,8 +235,6 @@ class StoreTsdb(Daemon[Config]):
         self._backoff = cfg.retry_interval
         self._retry_at = 0.0
         self._full_logged = False
-        self._refused_since_log = 0
-        self._refused_log_at = 0.0
         self._writer: threading.Thread | None = None
         self.client: Any = None
         self.write_api: Any = None
@@ -335,7 +333,7 @@ class StoreTsdb(Daemon[Config]):
             location, quantity = self.topics.split(topic, "data", 2)
             prefix = f"{quantity},location={location},host={self.host_tag} value="
         if topic not in self.seen_ts and len(self.seen_ts) >= self.config.max_series:
-            self._refuse_series(topic)
+            self.refuse_new_series(topic, self.config.max_series)
             msg.ack()
             return
         if topic not in self._prefixes:
@@ -370,21 +368,6 @@ class StoreTsdb(Daemon[Config]):
             self._pending.append((line, ack, topic, ts))
             if len(self._pending) == cfg.batch_size:
                 self._cond.notify()
-
-    def _refuse_series(self, topic: str) -> None:
-        """A message of a new series beyond max_series: counted; logged once per interval."""
-        self.count("rejected")
-        self.count("series_refused")
-        self._refused_since_log += 1
-        now = time.monotonic()
-        if now < self._refused_log_at:
-            return
-        self._refused_log_at = now + self.config.heartbeat_interval
-        self.log.warning("rejected %d message(s) of new series, the last on %s: max_series=%d "
-                         "series are stored already (next such line in %g s at the earliest)",
-                         self._refused_since_log, topic, self.config.max_series,
-                         self.config.heartbeat_interval)
-        self._refused_since_log = 0
 
     # ------------------------------------------------------------------ the writer thread
 

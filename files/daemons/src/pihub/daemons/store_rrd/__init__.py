@@ -322,8 +322,6 @@ class StoreRrd(Daemon[Config]):
         self._failing: set[tuple[str, str]] = set()
         #: the series with a file in rrd_dir (found at start, or created since)
         self._known: set[tuple[str, str]] = set()
-        self._refused_since_log = 0
-        self._refused_log_at = 0.0
         self._lock = threading.Lock()
 
     def setup(self) -> None:
@@ -372,7 +370,7 @@ class StoreRrd(Daemon[Config]):
             if key not in self._known:
                 if len(self._known) >= self.config.max_series and \
                         not series_paths(self.rrd_dir, *key)[0].exists():
-                    self._refuse_series(msg.topic)
+                    self.refuse_new_series(msg.topic, self.config.max_series)
                     return
                 self._known.add(key)
             try:
@@ -399,21 +397,6 @@ class StoreRrd(Daemon[Config]):
             if key in self._failing:
                 self._failing.discard(key)
                 self.log.info("%s/%s is stored again", m.location, m.quantity)
-
-    def _refuse_series(self, topic: str) -> None:
-        """A message of a new series beyond max_series: counted; logged once per interval."""
-        self.count("rejected")
-        self.count("series_refused")
-        self._refused_since_log += 1
-        now = time.monotonic()
-        if now < self._refused_log_at:
-            return
-        self._refused_log_at = now + self.config.heartbeat_interval
-        self.log.warning("rejected %d message(s) of new series, the last on %s: max_series=%d "
-                         "series are kept already (next such line in %g s at the earliest)",
-                         self._refused_since_log, topic, self.config.max_series,
-                         self.config.heartbeat_interval)
-        self._refused_since_log = 0
 
     def _open(self, m: Measurement, topic: str) -> Series:
         """The series of ``m``, its file created if missing, its sidecar up to date."""
