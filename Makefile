@@ -20,6 +20,9 @@ test: ## Run every test: unit tests, linters, then Molecule (in that order)
 	$(MAKE) lint
 	$(MAKE) molecule
 
+.PHONY: test-all
+test-all: test ## Every proof, the heavy ones too (arm64, fleet, upgrade, image boot will go here; today: make test)
+
 .PHONY: test-unit
 test-unit: ## Python tests of the daemons against a real Mosquitto (and friends)
 	$(PYTEST) tests
