@@ -61,7 +61,7 @@ def clip_text(text: str, limit: int = MAX_TEXT) -> str:
 
 
 def check_segment(value: str, what: str) -> str:
-    if not SEGMENT.match(value) or len(value) > MAX_SEGMENT:
+    if not SEGMENT.match(value):
         raise ValueError(f"{what} must be lower-case [a-z0-9_-]+ of at most {MAX_SEGMENT} "
                          f"characters, got {shown(value)}")
     return value
@@ -107,8 +107,7 @@ class Topics:
         if not topic.startswith(prefix):
             raise Reject(f"topic {shown(topic)} is not under {prefix}")
         parts = topic[len(prefix):].split("/")
-        if len(parts) != levels or not all(SEGMENT.match(p) and len(p) <= MAX_SEGMENT
-                                           for p in parts):
+        if len(parts) != levels or not all(SEGMENT.match(p) for p in parts):
             shape = "/".join(["<[a-z0-9_-]+>"] * levels)
             raise Reject(f"topic {shown(topic)} does not match {prefix}{shape} (segments of at "
                          f"most {MAX_SEGMENT} characters)")

@@ -51,7 +51,7 @@ from pihub.bus import Message, read_secret
 from pihub.config import BaseConfig, ConfigError, setting
 from pihub.daemon import Daemon, state_directory
 from pihub.durable import StateError, atomic_write, fsync_directory, read_json
-from pihub.topics import Reject, shown
+from pihub.topics import Reject, clip_text, shown
 
 #: Pushover's limits on one message (characters), see its API documentation.
 MAX_MESSAGE = 1024
@@ -185,10 +185,6 @@ def parse_request(topic: str, data: Any, default_priority: int, now: float
         raise Reject(f"payload on {topic}: 'ts' must be UNIX seconds (a number > 0), got "
                      f"{shown(ts)}")
     return message, (title or None), priority, float(ts)
-
-
-def clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # --------------------------------------------------------------------------- on-disk queue
@@ -435,7 +431,7 @@ class PushoverNotifier(Daemon[Config]):
             self.log.warning("request on %s is longer than Pushover takes (message %d/%d, "
                              "title %d/%d characters); shortened", msg.topic, len(message),
                              MAX_MESSAGE, len(title or ""), MAX_TITLE)
-            message, title = clip(message, MAX_MESSAGE), title and clip(title, MAX_TITLE)
+            message, title = clip_text(message, MAX_MESSAGE), title and clip_text(title, MAX_TITLE)
         key = (title, message, priority)
         now = time.monotonic()
         with self._lock:

@@ -329,6 +329,7 @@ class StoreTsdb(Daemon[Config]):
         """
         topic = msg.topic
         prefix = self._prefixes.get(topic)
+        cached = prefix is not None
         if prefix is None:
             location, quantity = self.topics.split(topic, "data", 2)
             prefix = f"{quantity},location={location},host={self.host_tag} value="
@@ -336,7 +337,7 @@ class StoreTsdb(Daemon[Config]):
             self.refuse_new_series(topic, self.config.max_series)
             msg.ack()
             return
-        if topic not in self._prefixes:
+        if not cached:
             if len(self._prefixes) >= MAX_SERIES_CACHED:
                 self._prefixes.clear()
             self._prefixes[topic] = prefix

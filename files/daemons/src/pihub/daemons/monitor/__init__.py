@@ -229,7 +229,7 @@ class Monitor(Daemon[Config]):
         name = topic[len(prefix):-len(kind) - 1] if topic.startswith(prefix) else ""
         if name == self.name or name in RESERVED:
             return None  # the monitor cannot report on itself; notify/status is no daemon
-        if not SEGMENT.match(name) or len(name) > MAX_SEGMENT:
+        if not SEGMENT.match(name):
             raise Reject(f"topic {shown(topic)}: daemon name must be lower-case [a-z0-9_-]+ of "
                          f"at most {MAX_SEGMENT} characters")
         return name
