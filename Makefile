@@ -1,7 +1,12 @@
 # pihub — `make help` lists the targets; `make test` is what CI runs.
+# `make demo` and `make test` do their own set-up (scripts/setup.sh: apt packages, the project's
+# .venv with every Python tool, dockerd); the other targets use that .venv.
 SHELL := /bin/bash
-PYTHON ?= python3
+VENV ?= .venv
+PYTHON ?= $(VENV)/bin/python
 PYTEST ?= $(PYTHON) -m pytest
+# Ansible, Molecule, ansible-lint, yamllint: the venv's, never the system's.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .DEFAULT_GOAL := help
 
@@ -9,13 +14,16 @@ PYTEST ?= $(PYTHON) -m pytest
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
 
-.PHONY: dev
-dev: ## Install the test tools and the pihub package (editable) into the current Python
-	$(PYTHON) -m pip install -r requirements-dev.txt
-	$(PYTHON) -m pip install -e 'files/daemons[tsdb,web]'
+.PHONY: setup
+setup: ## Install what the tests need (apt, .venv, dockerd); fast when done (scripts/setup.sh)
+	scripts/setup.sh test
+
+# Targets that need the venv make it when it is missing; `make setup` refreshes it.
+$(PYTHON):
+	scripts/setup.sh test
 
 .PHONY: test
-test: ## Run every test: unit tests, linters, then Molecule (in that order)
+test: setup ## Set up, then every test: unit tests, linters, the fresh-machine set-up, Molecule
 	$(MAKE) test-unit
 	$(MAKE) lint
 	$(MAKE) molecule
@@ -24,11 +32,11 @@ test: ## Run every test: unit tests, linters, then Molecule (in that order)
 test-all: test ## Every proof, the heavy ones too (arm64, fleet, upgrade, image boot will go here; today: make test)
 
 .PHONY: test-unit
-test-unit: ## Python tests of the daemons against a real Mosquitto (and friends)
+test-unit: $(PYTHON) ## Python tests of the daemons against a real Mosquitto (and friends)
 	$(PYTEST) tests
 
 .PHONY: lint-python
-lint-python: ## ruff and mypy on the pihub package
+lint-python: $(PYTHON) ## ruff and mypy on the pihub package
 	$(PYTHON) -m ruff check files/daemons tests bench testkit
 	$(PYTHON) -m mypy files/daemons/src
 
@@ -36,7 +44,7 @@ lint-python: ## ruff and mypy on the pihub package
 lint: lint-python lint-ansible ## Every linter
 
 .PHONY: bench
-bench: bench-venv ## Idle memory and time-to-READY of every daemon, as deployed (figures in README)
+bench: $(PYTHON) bench-venv ## Idle memory and time-to-READY of every daemon, as deployed (figures in README)
 	$(PYTHON) bench/daemon_footprint.py --python $(BENCH_VENV)/bin/python
 
 # The daemons as the Pi runs them: a venv on Debian's python3 with pihub installed (not editable).
@@ -51,7 +59,7 @@ STANDIN_IMAGE ?= pihub-standin:bookworm
 export PIHUB_STANDIN_IMAGE := $(STANDIN_IMAGE)
 
 .PHONY: lint-ansible
-lint-ansible: ## ansible-lint (production profile) and yamllint on roles, playbooks, inventory, Molecule
+lint-ansible: $(PYTHON) ## ansible-lint (production profile) and yamllint on roles, playbooks, inventory, Molecule
 	yamllint --strict .
 	ansible-lint --profile production
 
@@ -63,7 +71,7 @@ image: ## Build the stand-in Pi image (debootstrap, cached by the build script's
 # idempotence and verify see the same code while the working tree is being edited.
 MOLECULE_PACKAGE_SOURCE ?= .cache/molecule-package-source
 .PHONY: molecule
-molecule: image ## Molecule: create, converge, idempotence, verify, destroy on the stand-in
+molecule: $(PYTHON) image ## Molecule: create, converge, idempotence, verify, destroy on the stand-in
 	rm -rf $(MOLECULE_PACKAGE_SOURCE) && mkdir -p $(MOLECULE_PACKAGE_SOURCE)
 	tar -C files/daemons --exclude=__pycache__ --exclude=*.egg-info --exclude=build \
 	  --exclude=.mypy_cache --exclude=.ruff_cache --exclude=.pytest_cache -cf - . \
@@ -71,5 +79,6 @@ molecule: image ## Molecule: create, converge, idempotence, verify, destroy on t
 	PIHUB_MOLECULE_PACKAGE_SOURCE=$(abspath $(MOLECULE_PACKAGE_SOURCE)) molecule test
 
 .PHONY: demo
-demo: ## Stand-in Pi provisioned by playbooks/site.yml, then 60 s of live heartbeats
+demo: ## Set up, then the whole hub live in a stand-in Pi container (stays up; stop command printed)
+	scripts/setup.sh demo
 	images/standin/demo.sh

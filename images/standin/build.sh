@@ -3,7 +3,7 @@
 # debootstrap and `docker import`, the way a fresh Raspberry Pi OS Lite looks to Ansible.
 # Used by `make demo` and by Molecule.
 #
-# Cached: the image carries a label with this script's hash; when an image with that label exists
+# Cached: the image carries a label with the hash of this script and ../lib.sh; when an image with that label exists
 # the build is skipped. FORCE=1 rebuilds.
 #
 # The package mirrors, apt settings, CA bundle and pip config are the build host's own, copied into
@@ -15,7 +15,7 @@ set -euo pipefail
 image=${1:-${PIHUB_STANDIN_IMAGE:-pihub-standin:bookworm}}
 suite=bookworm
 here=$(cd "$(dirname "$0")" && pwd)
-hash=$(sha256sum "$here/build.sh" | cut -c1-16)
+hash=$(cat "$here/build.sh" "$here/../lib.sh" | sha256sum | cut -c1-16)
 
 packages=(
   systemd systemd-sysv dbus
@@ -34,26 +34,10 @@ fi
 [[ $(id -u) == 0 ]] || { echo "debootstrap needs root" >&2; exit 1; }
 command -v debootstrap >/dev/null || { echo "debootstrap is not installed (apt-get install debootstrap)" >&2; exit 1; }
 
-# The first non-security Debian mirror the host itself uses (deb822 sources or sources.list).
-host_mirror() {
-  local f uri=""
-  for f in /etc/apt/sources.list.d/*.sources; do
-    [[ -e $f ]] || continue
-    uri=$(awk '
-      /^[[:space:]]*$/ { if (u != "" && s !~ /security/ && s ~ /'"$suite"'/) { print u; exit } u = ""; s = "" }
-      /^URIs:/ { u = $2 } /^Suites:/ { s = $0 }
-      END { if (u != "" && s !~ /security/ && s ~ /'"$suite"'/) print u }' "$f" | head -n1)
-    [[ -n $uri ]] && { echo "$uri"; return; }
-  done
-  if [[ -e /etc/apt/sources.list ]]; then
-    uri=$(awk '$1 == "deb" && $3 == "'"$suite"'" { print $2; exit }' /etc/apt/sources.list)
-    [[ -n $uri ]] && { echo "$uri"; return; }
-  fi
-  echo "no $suite mirror found in the host's apt sources" >&2
-  return 1
-}
+# host_mirror, copy_host_sources: the host's own mirror and apt/CA/pip settings.
+. "$here/../lib.sh"
 
-mirror=$(host_mirror)
+mirror=$(host_mirror "$suite")
 work=$(mktemp -d /var/tmp/pihub-standin.XXXXXX)
 cleanup() {
   # debootstrap mounts /proc (and more) inside the root; never delete through a mount.
@@ -71,16 +55,7 @@ debootstrap --variant=minbase --include="$(IFS=,; echo "${packages[*]}")" \
 }
 
 log "copying the host's apt sources, apt fetch settings, CA bundle and pip config"
-rm -f "$root/etc/apt/sources.list"
-for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list; do
-  [[ -e $f ]] && cp "$f" "$root$f"
-done
-# Only the settings that make apt reach the mirror (e.g. Check-Valid-Until on a snapshot mirror).
-for f in /etc/apt/apt.conf.d/*; do
-  [[ -f $f ]] && grep -q '^[[:space:]]*Acquire::' "$f" && cp "$f" "$root/etc/apt/apt.conf.d/"
-done
-[[ -e /etc/ssl/certs/ca-certificates.crt ]] && cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/"
-[[ -e /etc/pip.conf ]] && cp /etc/pip.conf "$root/etc/pip.conf"
+copy_host_sources "$root"
 
 log "making it boot as a container"
 chroot "$root" apt-get clean

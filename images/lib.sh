@@ -1,0 +1,38 @@
+# Shared by the image builds (images/*/build.sh, tests/fresh_machine): a Debian root made with
+# debootstrap reaches exactly the package registries the build host reaches.
+
+# The first non-security Debian mirror of SUITE the host itself uses (deb822 sources or
+# sources.list).
+host_mirror() {
+  local suite=$1 f uri=""
+  for f in /etc/apt/sources.list.d/*.sources; do
+    [[ -e $f ]] || continue
+    uri=$(awk '
+      /^[[:space:]]*$/ { if (u != "" && s !~ /security/ && s ~ /'"$suite"'/) { print u; exit } u = ""; s = "" }
+      /^URIs:/ { u = $2 } /^Suites:/ { s = $0 }
+      END { if (u != "" && s !~ /security/ && s ~ /'"$suite"'/) print u }' "$f" | head -n1)
+    [[ -n $uri ]] && { echo "$uri"; return; }
+  done
+  if [[ -e /etc/apt/sources.list ]]; then
+    uri=$(awk '$1 == "deb" && $3 == "'"$suite"'" { print $2; exit }' /etc/apt/sources.list)
+    [[ -n $uri ]] && { echo "$uri"; return; }
+  fi
+  echo "no $suite mirror found in the host's apt sources" >&2
+  return 1
+}
+
+# Copies the host's apt sources, the apt settings that make apt reach the mirror (e.g.
+# Check-Valid-Until on a snapshot mirror), its CA bundle and pip config into ROOT.
+copy_host_sources() {
+  local root=$1 f
+  rm -f "$root/etc/apt/sources.list"
+  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list; do
+    [[ -e $f ]] && cp "$f" "$root$f"
+  done
+  for f in /etc/apt/apt.conf.d/*; do
+    [[ -f $f ]] && grep -q '^[[:space:]]*Acquire::' "$f" && cp "$f" "$root/etc/apt/apt.conf.d/"
+  done
+  [[ -e /etc/ssl/certs/ca-certificates.crt ]] && cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/"
+  [[ -e /etc/pip.conf ]] && cp /etc/pip.conf "$root/etc/pip.conf"
+  return 0
+}
