@@ -26,14 +26,20 @@ $(PYTHON):
 test: setup ## Set up, then every test: unit tests, linters, the fresh-machine set-up, Molecule
 	$(MAKE) test-unit
 	$(MAKE) lint
+	$(MAKE) test-fresh-machine
 	$(MAKE) molecule
 
 .PHONY: test-all
 test-all: test ## Every proof, the heavy ones too (arm64, fleet, upgrade, image boot will go here; today: make test)
 
+TESTS ?= tests
 .PHONY: test-unit
 test-unit: $(PYTHON) ## Python tests of the daemons against a real Mosquitto (and friends)
-	$(PYTEST) tests
+	$(PYTEST) $(TESTS)
+
+.PHONY: test-fresh-machine
+test-fresh-machine: ## scripts/setup.sh in a fresh Debian 12 container (git, make, python3 only); 2nd run a no-op
+	tests/fresh_machine/run.sh
 
 .PHONY: lint-python
 lint-python: $(PYTHON) ## ruff and mypy on the pihub package

@@ -44,7 +44,9 @@ def daemons() -> dict[str, str]:
     scripts = tomllib.loads((PKG / "pyproject.toml").read_text())["project"]["scripts"]
     out = {}
     for script, target in scripts.items():
-        module = target.split(":")[0]
+        module, _, attr = target.partition(":")
+        if module == "pihub.launch":  # pihub.launch:<module> runs pihub.daemons.<module>
+            module = f"pihub.daemons.{attr}"
         if script.startswith("pihub-") and module.startswith("pihub."):
             out[script[len("pihub-"):]] = module
     return out

@@ -22,7 +22,7 @@ host_mirror() {
 }
 
 # Copies the host's apt sources, the apt settings that make apt reach the mirror (e.g.
-# Check-Valid-Until on a snapshot mirror), its CA bundle and pip config into ROOT.
+# Check-Valid-Until on a snapshot mirror), its CA bundle and local CAs and pip config into ROOT.
 copy_host_sources() {
   local root=$1 f
   rm -f "$root/etc/apt/sources.list"
@@ -32,7 +32,14 @@ copy_host_sources() {
   for f in /etc/apt/apt.conf.d/*; do
     [[ -f $f ]] && grep -q '^[[:space:]]*Acquire::' "$f" && cp "$f" "$root/etc/apt/apt.conf.d/"
   done
-  [[ -e /etc/ssl/certs/ca-certificates.crt ]] && cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/"
+  if [[ -e /etc/ssl/certs/ca-certificates.crt ]]; then
+    mkdir -p "$root/etc/ssl/certs" && cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/"
+  fi
+  # The host's own CAs too, so that the bundle keeps them when ca-certificates rebuilds it.
+  if [[ -d /usr/local/share/ca-certificates ]]; then
+    mkdir -p "$root/usr/local/share/ca-certificates"
+    cp -r /usr/local/share/ca-certificates/. "$root/usr/local/share/ca-certificates/"
+  fi
   [[ -e /etc/pip.conf ]] && cp /etc/pip.conf "$root/etc/pip.conf"
   return 0
 }

@@ -132,7 +132,9 @@ def _daemon_modules() -> list[tuple[str, str]]:
     scripts = tomllib.loads((REPO / "files/daemons/pyproject.toml").read_text())
     out = []
     for script, target in scripts["project"]["scripts"].items():
-        module = target.split(":")[0]
+        module, _, attr = target.partition(":")
+        if module == "pihub.launch":  # pihub.launch:<module> runs pihub.daemons.<module>
+            module = f"pihub.daemons.{attr}"
         assert module.startswith("pihub.daemons."), f"{script}: {target} is not a daemon module"
         out.append((script, module.removeprefix("pihub.daemons.")))
     return out
