@@ -3,6 +3,7 @@ web sites on loopback serving fixture files."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import mimetypes
 import os
@@ -26,6 +27,8 @@ import pytest
 import yaml
 from notify_pushover_helpers import FakePushover
 from paho.mqtt.enums import CallbackAPIVersion
+from pihub.config import ConfigError, load_file
+from pihub.daemon import Daemon
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
@@ -58,6 +61,9 @@ class Broker:
             f"persistence_location {workdir}/\n"
             "autosave_interval 1\n"
             "max_queued_messages 100000\n"
+            # every PUBLISH a client sends is logged with its client id and topic: the
+            # start_daemon fixture checks each daemon's against what it declares
+            "log_type all\n"
             # as root, mosquitto would switch to its own user, which cannot enter pytest's tmp
             + ("user root\n" if os.geteuid() == 0 else "")
             + conf_extra
@@ -284,6 +290,51 @@ def start_daemon(tmp_path: Path, broker: Broker, topic_root: str
     for p in procs:
         if p.proc.poll() is None:
             p.kill()
+    check_published_as_declared(broker, procs)
+
+
+_PUBLISH_LINE = re.compile(r"Received PUBLISH from (\S+) \(d\d, q\d, r\d, m\d+, '(.*)', \.\.\. "
+                           r"\(\d+ bytes\)\)$")
+
+
+def declared_filters(module: str, config_file: Path) -> tuple[str, list[str]] | None:
+    """The daemon's MQTT client id and the filters it may publish on, from its config file:
+    its own subtree and what ``published_topics`` declares (what ``--print-acl`` prints and the
+    broker's ACL grants); None for a config that does not load (the daemon never ran)."""
+    if module.startswith("pihub_") and str(PROBE) not in sys.path:
+        sys.path.append(str(PROBE))  # the test-only daemons
+    target = module if module.startswith("pihub_") else f"pihub.daemons.{module}"
+    found = importlib.import_module(target)
+    # the module's Daemon subclass (its own, not one it imports)
+    cls = next(c for c in vars(found).values() if isinstance(c, type) and issubclass(c, Daemon)
+               and c.__module__ == found.__name__)
+    try:
+        config = load_file(cls.config_class, config_file)
+    except ConfigError:
+        return None
+    root = config.topic_root
+    client_id = config.mqtt.client_id or f"pihub-{cls.name}-{socket.gethostname()}"
+    return client_id, [f"{root}/{cls.name}/#",
+                       *(f"{root}/{topic}" for topic in cls.published_topics(config))]
+
+
+def check_published_as_declared(broker: Broker, procs: list[DaemonProcess]) -> None:
+    """Every topic a test's daemons published (the broker's log, by client id) is in their own
+    subtree or declared by their ``published_topics``: a daemon that publishes more than it
+    declares would be silently refused by the ACL the roles write from the declaration."""
+    allowed: dict[str, list[str]] = {}
+    for proc in procs:
+        found = declared_filters(proc.module, proc.config_file)
+        if found is not None:
+            allowed.setdefault(found[0], []).extend(found[1])
+    undeclared = set()
+    for line in broker.log.read_text(errors="replace").splitlines():
+        match = _PUBLISH_LINE.search(line)
+        if match and match[1] in allowed and not any(
+                mqtt.topic_matches_sub(f, match[2]) for f in allowed[match[1]]):
+            undeclared.add((match[1], match[2]))
+    assert not undeclared, (f"published on topics its published_topics() does not declare: "
+                            f"{sorted(undeclared)} (declared: {allowed})")
 
 
 def run_cli(module: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:

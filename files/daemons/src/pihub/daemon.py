@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -140,6 +141,15 @@ class Daemon(Generic[C]):
     def heartbeat_extra(self) -> dict[str, Any]:
         """Extra fields for the metadata events (e.g. a spool's size)."""
         return {}
+
+    @classmethod
+    def published_topics(cls, config: C) -> list[str]:
+        """Every topic (or MQTT filter) this daemon publishes outside its own subtree
+        ``<root>/<name>/#``, relative to ``topic_root``, as ``config`` determines them: exact
+        topics wherever the config names them (``data/hall/heater``), a filter only where it
+        cannot (``data/<location>/+``). The broker's ACL is written from it (``--print-acl``,
+        docs/contract.md section 2): a daemon may write nothing else outside its subtree."""
+        return []
 
     # ------------------------------------------------------------------ helpers for daemons
 
@@ -355,6 +365,10 @@ class Daemon(Generic[C]):
                             help="validate FILE, print what is wrong, exit 0 or 78")
         parser.add_argument("--print-config-example", action="store_true",
                             help="print a complete, commented example config")
+        parser.add_argument("--print-acl", metavar="FILE",
+                            help="validate FILE like --check-config, then print as JSON the "
+                                 "topics the daemon publishes outside its own subtree "
+                                 "(relative to topic_root), exit 0 or 78")
         args = parser.parse_args(argv)
 
         if args.print_config_example:
@@ -367,6 +381,15 @@ class Daemon(Generic[C]):
                 print(f"{prog}: {args.check_config}: {exc}", file=sys.stderr)
                 return EX_CONFIG
             print(f"{prog}: {args.check_config}: OK")
+            return 0
+        if args.print_acl:
+            try:
+                checked = load_file(cls.config_class, args.print_acl)
+            except ConfigError as exc:
+                print(f"{prog}: {args.print_acl}: {exc}", file=sys.stderr)
+                return EX_CONFIG
+            declared = sorted(set(cls.published_topics(checked)))  # type: ignore[arg-type]
+            print(json.dumps({"topic_root": checked.topic_root, "write": declared}))
             return 0
 
         try:

@@ -291,6 +291,10 @@ class BikesDisplay(Daemon[Config]):
     config_class = Config
     description = "Publish bike-sharing station availability (GBFS) for a display."
 
+    @classmethod
+    def published_topics(cls, config: Config) -> list[str]:
+        return [f"display/{config.board}/{station.item}" for station in config.stations]
+
     def setup(self) -> None:
         self.session = session(self.config.user_agent, "application/json")
         self.discovery = Feed("gbfs", self.config.discovery_url)

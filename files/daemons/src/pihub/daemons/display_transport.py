@@ -285,6 +285,10 @@ class TransportDisplay(Daemon[Config]):
     config_class = Config
     description = "Publish the next departures at public-transport stops, scraped from pages."
 
+    @classmethod
+    def published_topics(cls, config: Config) -> list[str]:
+        return [f"display/{config.board}/{stop.item}" for stop in config.stops]
+
     def setup(self) -> None:
         self.session = session(self.config.user_agent, "text/html,application/xhtml+xml")
         self.tz: tzinfo | None = ZoneInfo(self.config.timezone) if self.config.timezone else None

@@ -140,6 +140,12 @@ class OneWireSensor(Daemon[Config]):
     config_class = Config
     description = "Publish DS18B20 (and sibling) 1-wire temperatures from the w1 sysfs tree."
 
+    @classmethod
+    def published_topics(cls, config: Config) -> list[str]:
+        listed = [f"data/{sensor.location}/{sensor.name}" for sensor in config.sensors]
+        # sensors found but not listed are published under their ids, not known in advance
+        return listed + ([f"data/{config.unknown_location}/+"] if config.publish_unknown else [])
+
     def setup(self) -> None:
         self.devices = Path(self.config.w1_root) / "devices"
         self.sensors = {s.id: _Sensor(s.id, s.location, s.name, True)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -66,6 +67,11 @@ class SystemSensor(Daemon[Config]):
     name = "sensor-system"
     config_class = Config
     description = "Publish this host's CPU temperature, load, memory, disk use and uptime."
+
+    @classmethod
+    def published_topics(cls, config: Config) -> list[str]:
+        # its quantities vary by host (one per thermal zone and filesystem): the location's all
+        return [f"data/{config.location or host_location(socket.gethostname())}/+"]
 
     def setup(self) -> None:
         self.location = self.config.location or host_location(self.host)

@@ -178,6 +178,13 @@ class Monitor(Daemon[Config]):
     config_class = Config
     description = "Watch every pihub daemon's heartbeat and threshold rules; request notifications."
 
+    @classmethod
+    def published_topics(cls, config: Config) -> list[str]:
+        # its records (<root>/monitor/...) are its own subtree; requests go to notify topics
+        topics = [config.notify_topic] + [rule.notify_topic for rule in config.rules
+                                          if rule.notify_topic]
+        return [f"notify/{topic}" for topic in topics]
+
     def setup(self) -> None:
         self._lock = threading.Lock()
         self.liveness = Liveness()

@@ -281,6 +281,11 @@ class GpioSensor(Daemon[Config]):
 
     # ------------------------------------------------------------------ lifecycle
 
+    @classmethod
+    def published_topics(cls, config: Config) -> list[str]:
+        pins: list[InputConfig | OutputConfig] = [*config.inputs, *config.outputs]
+        return [f"data/{pin.location}/{pin.name}" for pin in pins]
+
     def setup(self) -> None:
         self.debouncer.start()
         self.subscribe(self.topics.sub("cmd", self.name, "+"), self.on_command)
