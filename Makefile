@@ -84,6 +84,31 @@ molecule: $(PYTHON) image ## Molecule: create, converge, idempotence, verify, de
 	  | tar -C $(MOLECULE_PACKAGE_SOURCE) -xf -
 	PIHUB_MOLECULE_PACKAGE_SOURCE=$(abspath $(MOLECULE_PACKAGE_SOURCE)) molecule test
 
+# --- Your Pi ------------------------------------------------------------------------------
+# make inventory NAME=home HOST=192.168.1.20 [SSH_USER=pi], then make pi-check / make pi.
+SSH_USER ?= pi
+INVENTORY ?= inventory/$(NAME)
+VAULT_PASS ?= $(HOME)/.config/pihub/$(notdir $(INVENTORY)).vault-pass
+PLAY = ansible-playbook -i $(INVENTORY) playbooks/site.yml --vault-password-file $(VAULT_PASS)
+
+.PHONY: inventory
+inventory: ## New inventory/NAME for the Pi at HOST, with a generated, encrypted vault
+	@test -n "$(NAME)" -a -n "$(HOST)" || { echo "usage: make inventory NAME=home HOST=192.168.1.20 [SSH_USER=pi]" >&2; exit 64; }
+	scripts/setup.sh pi
+	$(PYTHON) scripts/new_inventory.py $(INVENTORY) $(HOST) --user $(SSH_USER)
+
+.PHONY: pi-check
+pi-check: ## Dry run on your Pi: what make pi would change (--check --diff), INVENTORY=inventory/NAME
+	@test -f $(INVENTORY)/hosts.yml || { echo "no $(INVENTORY)/hosts.yml: make inventory NAME=... HOST=... first" >&2; exit 64; }
+	scripts/setup.sh pi
+	$(PLAY) --check --diff
+
+.PHONY: pi
+pi: ## Provision your Pi with playbooks/site.yml, INVENTORY=inventory/NAME
+	@test -f $(INVENTORY)/hosts.yml || { echo "no $(INVENTORY)/hosts.yml: make inventory NAME=... HOST=... first" >&2; exit 64; }
+	scripts/setup.sh pi
+	$(PLAY)
+
 .PHONY: demo
 demo: ## Set up, then the whole hub live in a stand-in Pi container (stays up; stop command printed)
 	scripts/setup.sh demo

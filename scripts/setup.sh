@@ -3,8 +3,8 @@
 # on a Debian 12 / Ubuntu 22.04+ / Raspberry Pi OS machine with only git, make and python3 it
 # installs what the chosen purpose needs, and skips fast whatever is already done.
 #
-#   scripts/setup.sh demo   apt: Docker, debootstrap, python3-venv; .venv with Ansible + pihub;
-#                           dockerd running
+#   scripts/setup.sh pi     .venv with Ansible (to provision a Pi: make inventory, make pi)
+#   scripts/setup.sh demo   the same, plus Docker and debootstrap, and dockerd running
 #   scripts/setup.sh test   the same, plus what the tests run against: Mosquitto,
 #                           VictoriaMetrics, rrdtool/rrdcached, Chromium + chromedriver
 #
@@ -18,8 +18,8 @@ cd "$(dirname "$0")/.."
 
 purpose=${1:-test}
 case $purpose in
-  demo | test) ;;
-  *) echo "usage: scripts/setup.sh demo|test" >&2; exit 64 ;;
+  pi | demo | test) ;;
+  *) echo "usage: scripts/setup.sh pi|demo|test" >&2; exit 64 ;;
 esac
 
 venv=${PIHUB_VENV:-.venv}
@@ -41,7 +41,10 @@ fi
 command -v apt-get >/dev/null && command -v dpkg-query >/dev/null ||
   die 71 "this needs a Debian-based OS with apt (Debian 12, Ubuntu 22.04+, Raspberry Pi OS); none found here"
 
-packages=(make git tar ca-certificates docker.io debootstrap)
+packages=(make git tar ca-certificates)
+if [[ $purpose != pi ]]; then
+  packages+=(docker.io debootstrap)
+fi
 if [[ $purpose == test ]]; then
   packages+=(mosquitto mosquitto-clients victoria-metrics rrdtool rrdcached chromium chromium-driver)
 fi
@@ -86,7 +89,9 @@ fi
 
 # --- Docker -----------------------------------------------------------------------------------
 docker_cmd=(docker)
-if ! docker info >/dev/null 2>&1; then
+if [[ $purpose == pi ]]; then
+  :
+elif ! docker info >/dev/null 2>&1; then
   if [[ $(id -u) != 0 ]] && "${sudo[@]}" docker info >/dev/null 2>&1; then
     die 77 "Docker runs, but not for $(id -un): add yourself to the docker group (sudo usermod -aG docker $(id -un)) and log in again"
   fi
