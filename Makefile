@@ -43,7 +43,7 @@ test-fresh-machine: ## scripts/setup.sh in a fresh Debian 12 container (git, mak
 
 .PHONY: lint-python
 lint-python: $(PYTHON) ## ruff and mypy on the pihub package
-	$(PYTHON) -m ruff check files/daemons tests bench testkit
+	$(PYTHON) -m ruff check files/daemons tests bench testkit scripts
 	$(PYTHON) -m mypy files/daemons/src
 
 .PHONY: lint
