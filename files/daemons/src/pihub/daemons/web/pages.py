@@ -11,10 +11,13 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+from pihub.topics import MAX_SEGMENT
 
 from .auth import ADMIN
 
@@ -22,6 +25,8 @@ PAGES = (("overview", "/", "Overview"), ("daemons", "/daemons", "Daemons"),
          ("boards", "/boards", "Boards"), ("history", "/history", "History"),
          ("alerts", "/alerts", "Alerts"), ("outputs", "/outputs", "Outputs"))
 RANGES = ("1h", "24h", "7d", "30d", "1y")
+#: a series of the History page: <location>/<quantity> (one stored only, not seen live, too)
+SERIES = re.compile(rf"^[a-z0-9_-]{{1,{MAX_SEGMENT}}}/[a-z0-9_-]{{1,{MAX_SEGMENT}}}$")
 #: what an empty cell shows (an en dash)
 NONE = "\u2013"
 
@@ -173,7 +178,8 @@ def daemon_row(item: dict[str, Any], now: float) -> str:
     uptime = meta.get("uptime_s")
     if isinstance(uptime, int | float) and isinstance(ts, int | float) and css == "up":
         uptime += now - ts
-    others = ", ".join(f"{k} {v}" for k, v in sorted(counters.items()) if k not in COUNTERS)
+    others = ", ".join(f"{k} {v}" for k, v in sorted(counters.items())
+                       if k not in COUNTERS and v)
     cells = "".join(f'<td class="num">{esc(counters.get(c, NONE))}</td>' for c in COUNTERS)
     return (f'<tr id="d:{esc(item["daemon"])}" class="{css}">'
             f'<th>{esc(item["daemon"])}</th>'
@@ -227,7 +233,7 @@ def board_item(item: dict[str, Any], now: float) -> str:
             delay = d.get("delay_min")
             rows.append(
                 f'<tr data-at="{at if isinstance(at, int | float) else ""}">'
-                f'<td class="line">{esc(d.get("line"))}</td>'
+                f'<td class="line"><span>{esc(d.get("line"))}</span></td>'
                 f'<td class="dest">{esc(d.get("destination"))}</td>'
                 f'<td class="min">{esc(NONE if minutes is None else minutes)}'
                 f'<small> min</small></td>'
@@ -256,7 +262,7 @@ def board_item(item: dict[str, Any], now: float) -> str:
         body = f"<dl>{fields}</dl>"
         title = item["item"]
         kind = "other"
-    return (f'<article class="board {kind}{" stale" if stale else ""}" id="b:{esc(key)}">'
+    return (f'<article class="board board-{kind}{" stale" if stale else ""}" id="b:{esc(key)}">'
             f'<h3>{esc(title)}</h3>{body}{reason}</article>')
 
 
@@ -357,7 +363,7 @@ def history(values: dict[str, dict[str, Any]], chosen: list[str], span: str, ste
     boxes = "".join(
         f'<label><input type="checkbox" name="series" value="{esc(k)}"'
         f'{" checked" if k in chosen else ""}> {esc(k)}</label>'
-        for k in sorted(values))
+        for k in sorted(set(values) | {c for c in chosen if SERIES.match(c)}))
     spans = "".join(
         f'<label><input type="radio" name="range" value="{r}"{" checked" if r == span else ""}>'
         f' {r}</label>' for r in RANGES)

@@ -132,7 +132,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Encoding", "gzip")
         self.send_header("Vary", "Accept-Encoding, Cookie")
         self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Referrer-Policy", "no-referrer")
+        # a kiosk URL's token never leaves the site in a Referer
+        self.send_header("Referrer-Policy", "same-origin")
         self.send_header("X-Frame-Options", "DENY")
         if ctype.startswith("text/html"):
             self.send_header("Content-Security-Policy", CSP)
@@ -184,8 +185,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def same_origin(self) -> bool:
         """A POST whose Origin names another site is refused (a second guard beside CSRF)."""
         origin = self.headers.get("Origin")
-        if not origin or origin == "null":
-            return origin is None
+        if not origin or origin == "null":  # privacy modes send null: the CSRF token decides
+            return True
         return urllib.parse.urlsplit(origin).netloc == self.headers.get("Host", "")
 
     # ------------------------------------------------------------------ who is asking
@@ -219,6 +220,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         params = urllib.parse.parse_qs(url.query)
         if path.startswith("/static/"):
             self.static(path[len("/static/"):])
+            return
+        if path == "/favicon.ico":
+            self.send(HTTPStatus.NO_CONTENT, b"", "image/x-icon",
+                      {"Cache-Control": "public, max-age=86400"})
             return
         if path == "/healthz":
             self.send(HTTPStatus.OK, b"ok\n", "text/plain; charset=utf-8")

@@ -48,8 +48,10 @@ RESERVED = frozenset({"data", "display", "notify", "cmd", "sim", "monitor"})
 MAX_TITLE, MAX_MESSAGE = 250, 1024
 #: a daemon's metadata event, a monitor record, a board item: bytes accepted
 MAX_RECORD_BYTES = 16384
-#: weight of the newest gap in a series' usual interval (exponential average)
-INTERVAL_WEIGHT = 0.3
+#: gaps between a series' last values kept: its usual interval is the longest of them (an
+#: input that changes now and then is republished every sensor-gpio ``interval``), known from
+#: two gaps on
+GAPS = 8
 
 Event = tuple[str, str, bytes]  # kind, key, encoded event
 
@@ -126,6 +128,7 @@ class State:
         self._on_refused = on_refused
         self._lock = threading.Lock()
         self.values: dict[str, dict[str, Any]] = {}
+        self._gaps: dict[str, list[float]] = {}
         self.daemons: dict[str, dict[str, Any]] = {}
         self.boards: dict[str, dict[str, Any]] = {}
         self.rules: dict[str, dict[str, Any]] = {}
@@ -219,6 +222,8 @@ class State:
         key = f"{location}/{quantity}"
         if not msg.payload:  # a retained value cleared
             self._remove("values", key)
+            with self._lock:
+                self._gaps.pop(key, None)
             return
         data = decode_measurement(msg.payload, msg.topic)
         value, unit, ts = measurement_fields(data, msg.topic)
@@ -232,14 +237,12 @@ class State:
             if old is None and len(self.values) >= self.limits.series:
                 self._refuse("values", msg.topic, self.limits.series)
                 return
-            if old is not None:
-                gap = ts - old["ts"]
-                before = old["interval_s"]
-                if gap > 0:
-                    item["interval_s"] = round(gap if before is None else
-                                               before + INTERVAL_WEIGHT * (gap - before), 3)
-                else:
-                    item["interval_s"] = before
+            gaps = self._gaps.pop(key, [])
+            if old is not None and ts > old["ts"]:
+                gaps = [*gaps[-(GAPS - 1):], ts - old["ts"]]
+            if len(gaps) >= 2:
+                item["interval_s"] = round(max(gaps), 3)
+            self._gaps[key] = gaps
             self.values[key] = item
             self._emit("values", key, item)
 

@@ -114,7 +114,7 @@
     var meta = it.meta || {}, st = daemonState(it, t), v = it.monitor || {};
     var c = meta.counters || {}, up = meta.uptime_s;
     if (typeof up === "number" && typeof meta.ts === "number" && st[0] === "up") up += t - meta.ts;
-    var others = sortedKeys(c).filter(function (k) { return COUNTERS.indexOf(k) < 0; })
+    var others = sortedKeys(c).filter(function (k) { return COUNTERS.indexOf(k) < 0 && c[k]; })
       .map(function (k) { return k + " " + c[k]; }).join(", ");
     return h("tr", { id: "d:" + it.daemon, cls: st[0] },
       h("th", { text: it.daemon }),
@@ -156,7 +156,8 @@
       }).map(function (x) {
         var m = minutesTo(x, t);
         return h("tr", { "data-at": typeof x.departs_at === "number" ? x.departs_at : "" },
-          h("td", { cls: "line", text: x.line }), h("td", { cls: "dest", text: x.destination }),
+          h("td", { cls: "line" }, h("span", { text: x.line })),
+          h("td", { cls: "dest", text: x.destination }),
           h("td", { cls: "min" }, m === null ? "–" : String(m), h("small", { text: " min" })),
           h("td", { cls: "time" }, x.time || "",
             x.delay_min ? h("small", { cls: "late", text: " +" + x.delay_min }) : null),
@@ -178,7 +179,7 @@
         return [h("dt", { text: k }), h("dd", { text: JSON.stringify(d[k]) })];
       }).reduce(function (a, b) { return a.concat(b); }, []));
     }
-    return h("article", { cls: "board " + kind + (stale ? " stale" : ""),
+    return h("article", { cls: "board board-" + kind + (stale ? " stale" : ""),
                           id: "b:" + it.board + "/" + it.item },
       h("h3", { text: title }), inner,
       stale && d.reason ? h("p", { cls: "reason", text: d.reason }) : null);
