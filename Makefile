@@ -51,7 +51,8 @@ lint: lint-python lint-ansible ## Every linter
 
 .PHONY: bench
 bench: $(PYTHON) bench-venv ## Idle memory and time-to-READY of every daemon, as deployed (figures in README)
-	$(PYTHON) bench/daemon_footprint.py --python $(BENCH_VENV)/bin/python
+	$(PYTHON) bench/daemon_footprint.py --python $(BENCH_VENV)/bin/python --save
+	$(PYTHON) bench/figures.py --write
 
 # The daemons as the Pi runs them: a venv on Debian's python3 with pihub installed (not editable).
 BENCH_VENV ?= .cache/bench-venv

@@ -20,6 +20,7 @@ source tree with the current interpreter.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -174,7 +175,11 @@ def main() -> int:
     parser.add_argument("--idle", type=float, default=5.0, help="seconds idle before measuring")
     parser.add_argument("--only", nargs="*", help="daemon names to measure")
     parser.add_argument("--python", help="interpreter with pihub installed (default: source)")
+    parser.add_argument("--save", action="store_true",
+                        help="write the medians to bench/results/daemon_footprint.json, from "
+                             "which bench/figures.py renders README's table")
     args = parser.parse_args()
+    results: dict[str, dict[str, float]] = {}
 
     with tempfile.TemporaryDirectory(prefix="pihub-bench-broker-") as tmp:
         broker, port = start_broker(Path(tmp))
@@ -195,12 +200,21 @@ def main() -> int:
                     print(f"| {name} | failed: {runs[0]} | | |")
                     continue
                 med = {k: statistics.median(r[k] for r in good) for k in good[0]}
+                results[name] = med
                 print(f"| {name} | {med['ready_s'] * 1000:.0f} ms | "
                       f"{med['rss_kb'] / 1024:.1f} MB | {med['pss_kb'] / 1024:.1f} MB |",
                       flush=True)
         finally:
             broker.terminate()
             broker.wait(5)
+    if args.save and not args.only:
+        out = REPO / "bench" / "results" / "daemon_footprint.json"
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps({
+            "date": time.strftime("%Y-%m-%d"), "python": version,
+            "machine": f"{os.cpu_count()}-core {os.uname().machine}", "runs": args.runs,
+            "daemons": results}, indent=1, sort_keys=True) + "\n")
+        print(f"saved {out.relative_to(REPO)}")
     return 0
 
 

@@ -48,8 +48,12 @@ fi
 if [[ $purpose == test ]]; then
   packages+=(mosquitto mosquitto-clients victoria-metrics rrdtool rrdcached chromium chromium-driver)
 fi
-# Debian's python3 needs python3-venv for `-m venv` (with pip); another python3 may not.
-python3 -c 'import ensurepip, venv' 2>/dev/null || packages+=(python3-venv)
+# Debian's python3 needs python3-venv for `-m venv` (with pip); another python3 may not. (make
+# bench builds the Pi's venv with Debian's own /usr/bin/python3.)
+if ! python3 -c 'import ensurepip, venv' 2>/dev/null ||
+  { [[ -x /usr/bin/python3 ]] && ! /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null; }; then
+  packages+=(python3-venv)
+fi
 
 missing=()
 for p in "${packages[@]}"; do
