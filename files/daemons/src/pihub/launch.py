@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Callable
 
 EX_CONFIG = 78
 
@@ -40,7 +41,7 @@ def launch(daemon: str, argv: list[str] | None = None) -> int:
         return EX_CONFIG
 
 
-def _entry(daemon: str):  # type: ignore[no-untyped-def]
+def _entry(daemon: str) -> Callable[[], int]:
     def main() -> int:
         return launch(daemon)
     main.__name__ = daemon
@@ -56,3 +57,4 @@ store_rrd = _entry("store_rrd")
 store_tsdb = _entry("store_tsdb")
 display_bikes = _entry("display_bikes")
 display_transport = _entry("display_transport")
+web = _entry("web")
