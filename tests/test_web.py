@@ -14,6 +14,7 @@ import time
 import pytest
 from conftest import SRC, run_cli, wait_until, write_config
 from pihub.daemons.web.auth import Auth, hash_password
+from pihub.daemons.web.state import Client
 from web_helpers import (
     KIOSK_TOKEN,
     PASSWORD,
@@ -369,6 +370,18 @@ def test_the_stream_needs_a_session(start_daemon):
     _proc, web = start_web(start_daemon)
     reader = EventReader(sse_open(web.port, "pihub_session=forged"))
     assert reader.status == 401
+
+
+def test_a_page_queue_keeps_only_the_latest_change_per_item():
+    page = Client(max_pending=2, max_lag=3600)
+    for i in range(100):
+        assert page.offer("values", "kitchen/temp", f"v{i}".encode())
+    assert page.offer("boards", "bikes/gare", b"b")
+    assert page.take(0) == [b"v99", b"b"]  # one entry per item, first-queued order
+    for key in ("a", "b"):
+        assert page.offer("values", key, b"x")
+    assert not page.offer("values", "c", b"x")  # a third distinct item: behind, dropped
+    assert page.dropped == "more than 2 changes queued"
 
 
 def test_a_page_that_falls_behind_is_dropped_and_counted(start_daemon, observe, topic_root):
