@@ -64,8 +64,9 @@ COUNTERS = ("written", "spooled", "replayed", "spool_full_dropped", "db_rejected
 @dataclass(kw_only=True)
 class Config(BaseConfig):
     url: str = setting(
-        help="Base URL of the DB's InfluxDB v2 API (VictoriaMetrics: http://127.0.0.1:8428).",
-        example="http://127.0.0.1:8428", pattern=r"^https?://\S+$",
+        help="Base URL of the DB's InfluxDB v2 API (the timeseries role's VictoriaMetrics: "
+        "http://127.0.0.2:8428).",
+        example="http://127.0.0.2:8428", pattern=r"^https?://\S+$",
     )
     org: str = setting("pihub", "InfluxDB organisation (VictoriaMetrics ignores it).")
     bucket: str = setting("pihub", "InfluxDB bucket (VictoriaMetrics ignores it).")
