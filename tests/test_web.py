@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -487,6 +488,49 @@ def test_history_without_a_tsdb_says_so(start_daemon):
     assert 'id="no-tsdb"' in web.get("/history").text
     answer = web.get("/api/history?series=a/b")
     assert answer.status == 404 and "no timeseries database" in answer.json()["error"]
+
+
+def make_rrd(rrd_dir, location: str, quantity: str, unit: str) -> None:
+    """An RRD as store-rrd makes it (data source value, AVERAGE/MIN/MAX), an hour of points."""
+    path = rrd_dir / location / f"{quantity}.rrd"
+    path.parent.mkdir(parents=True)
+    now = int(NOW()) // 60 * 60
+    subprocess.run(["rrdtool", "create", str(path), "--start", str(now - 3700), "--step", "60",
+                    "DS:value:GAUGE:120:U:U", *(f"RRA:{cf}:0.5:1:2880" for cf in (
+                        "AVERAGE", "MIN", "MAX"))], check=True)
+    subprocess.run(["rrdtool", "update", str(path),
+                    *(f"{now - 3600 + 60 * k}:{10 + k % 5}" for k in range(60))], check=True)
+    (path.parent / f"{quantity}.json").write_text(json.dumps({"unit": unit}))
+
+
+@pytest.mark.skipif(not shutil.which("rrdtool"), reason="needs Debian's rrdtool")
+def test_without_a_tsdb_history_draws_store_rrds_files(start_daemon, tmp_path):
+    rrd_dir = tmp_path / "rrd"
+    make_rrd(rrd_dir, "cellar", "temperature", "°C")
+    _proc, web = start_web(start_daemon, rrd={"dir": str(rrd_dir)})
+    web.login()
+    page = web.get("/history?series=cellar/temperature&range=24h").text
+    assert '<img alt="cellar/temperature, 24h" src="/api/rrd?series=cellar%2Ftemperature&amp;' \
+           'range=24h">' in page
+    graph = web.get("/api/rrd?series=cellar/temperature&range=24h")
+    assert graph.status == 200 and graph.headers["content-type"] == "image/png"
+    assert graph.body.startswith(b"\x89PNG")
+    assert web.get("/api/rrd?series=cellar/temperature&range=24h").body == graph.body  # cached
+    missing = web.get("/api/rrd?series=attic/temperature&range=24h")
+    assert missing.status == 404 and "no RRD attic/temperature" in missing.json()["error"]
+    assert web.get("/api/rrd?series=../x&range=24h").status == 400
+
+
+@pytest.mark.skipif(not shutil.which("rrdtool"), reason="needs Debian's rrdtool")
+def test_an_rrd_graph_that_fails_is_a_json_error_and_counted(start_daemon, tmp_path):
+    rrd_dir = tmp_path / "rrd"
+    make_rrd(rrd_dir, "cellar", "temperature", "°C")
+    (rrd_dir / "cellar" / "temperature.rrd").write_bytes(b"not an rrd")
+    _proc, web = start_web(start_daemon, rrd={"dir": str(rrd_dir)})
+    web.login()
+    answer = web.get("/api/rrd?series=cellar/temperature&range=7d")
+    assert answer.status == 502 and "rrdtool graph" in answer.json()["error"]
+    assert counters(web, rrd_errors=1)
 
 
 def test_a_tsdb_that_is_down_is_a_json_error_and_counted(start_daemon):

@@ -19,6 +19,7 @@ import math
 import random
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -180,6 +181,31 @@ def main() -> int:
         wait_until(lambda: driver.execute_script(
             "return !!document.getElementById('o:fan')"), 10, "outputs")
         driver.save_screenshot(str(out / "outputs.png"))
+
+        # History without a timeseries DB: a second pihub-web draws store-rrd's files
+        rrd = work / "rrd" / "cellar"
+        rrd.mkdir(parents=True)
+        path = rrd / "temperature.rrd"
+        end = int(now) // 60 * 60
+        subprocess.run(["rrdtool", "create", str(path), "--start", str(end - 90000), "--step",
+                        "60", "DS:value:GAUGE:120:U:U", *(f"RRA:{cf}:0.5:1:2880" for cf in (
+                            "AVERAGE", "MIN", "MAX"))], check=True)
+        subprocess.run(["rrdtool", "update", str(path), *(
+            f"{end - 86400 + 60 * k}:{wave(13.1, 0.6, end - 86400 + 60 * k, 0.2)}"
+            for k in range(1440))], check=True)
+        (rrd / "temperature.json").write_text('{"unit": "°C"}')
+        rrd_port = free_port()
+        daemons.start("web", {**common, "listen_address": "127.0.0.1", "port": rrd_port,
+                              "mqtt": {"host": "127.0.0.1", "port": port,
+                                       "client_id": "pihub-web-rrd"},
+                              "users": {"admin": hash_password("demo", iterations=2000)},
+                              "rrd": {"dir": str(work / "rrd")}}, tag="web-rrd")
+        driver.delete_all_cookies()
+        browser_login(driver, rrd_port, "/history?series=cellar/temperature&range=24h")
+        wait_until(lambda: driver.execute_script(
+            "var i = document.querySelector('figure.rrd img');"
+            "return i && i.complete && i.naturalWidth > 0"), 20, "the RRD graph")
+        driver.save_screenshot(str(out / "history-rrd.png"))
 
         driver.delete_all_cookies()
         driver.get(f"http://127.0.0.1:{web_port}/boards?kiosk=1&theme=dark&"

@@ -67,12 +67,13 @@ class Daemons:
         self.procs: list[tuple[subprocess.Popen[bytes], IO[bytes]]] = []
 
     def start(self, name: str, config: dict[str, Any], python: str = sys.executable,
-              wait: bool = True) -> subprocess.Popen[bytes]:
+              wait: bool = True, tag: str | None = None) -> subprocess.Popen[bytes]:
+        """``pihub-<name>``; ``tag`` names its config and log files (a second instance)."""
         cfg = {"mqtt": {"host": "127.0.0.1", "port": self.broker_port}, "topic_root": self.root,
                **config}
-        conf = self.work / f"{name}.yml"
+        conf = self.work / f"{tag or name}.yml"
         conf.write_text(yaml.safe_dump(cfg, allow_unicode=True))
-        log_path = self.work / f"{name}.log"
+        log_path = self.work / f"{tag or name}.log"
         log = open(log_path, "wb")  # noqa: SIM115 (open for the daemon's life)
         env = {**os.environ, "PYTHONPATH": str(SRC)}
         proc = subprocess.Popen([python, "-m", "pihub.daemons." + name.replace("-", "_"),

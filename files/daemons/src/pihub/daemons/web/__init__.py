@@ -27,6 +27,7 @@ from pihub.logs import clip
 from pihub.topics import SEGMENT
 
 from .auth import VIEWER, Auth, Session, hash_password, parse_hash
+from .rrd import RrdGraphs
 from .server import Server
 from .state import Limits, State
 
@@ -51,6 +52,19 @@ class TsdbConfig:
         if (self.username is None) != (self.password_file is None):
             raise ConfigError("password_file" if self.username else "username",
                               "username and password_file go together (HTTP basic auth)")
+
+
+@dataclass(kw_only=True)
+class RrdConfig:
+    dir: str | None = setting(
+        None, "store-rrd's rrd_dir: History draws its files with rrdtool when tsdb.url is "
+        "null; null: no RRD graphs.", pattern=r"^/\S*$")
+    rrdtool: str = setting("rrdtool", "The rrdtool program.")
+    rrdcached_socket: str | None = setting(
+        None, "rrdcached's socket (unix:/path), to flush a file before it is drawn; null: "
+        "draw the files as they are.", pattern=r"^(unix:)?/\S+$")
+    cache_s: float = setting(300.0, "Seconds a drawn graph is served again before it is "
+                             "drawn anew.", min=0, max=86400)
 
 
 @dataclass(kw_only=True)
@@ -82,6 +96,8 @@ class Config(BaseConfig):
                                     max=86400)
     tsdb: TsdbConfig = setting(default_factory=TsdbConfig,
                                help="Where History reads from (store-tsdb's DB).")
+    rrd: RrdConfig = setting(default_factory=RrdConfig,
+                             help="History without a timeseries DB: store-rrd's files.")
     outputs_daemon: str = setting(
         "sensor-gpio", "Daemon whose outputs (measurements with kind: output) the Outputs page "
         "switches, on <topic_root>/cmd/<outputs_daemon>/<output>.", pattern=SEGMENT.pattern)
@@ -139,7 +155,7 @@ class Web(Daemon[Config]):
         cfg = config
         for counter in ("http_requests", "http_errors", "logins", "login_failures",
                         "logins_limited", "csrf_refused", "commands", "commands_refused",
-                        "sse_dropped", "series_refused", "tsdb_errors"):
+                        "sse_dropped", "series_refused", "tsdb_errors", "rrd_errors"):
             self.count(counter, 0)
         self.state = State(self.topics, Limits(
             series=cfg.max_series, daemons=cfg.max_daemons, board_items=cfg.max_board_items,
@@ -156,6 +172,8 @@ class Web(Daemon[Config]):
         self.tsdb_auth = (f"{cfg.tsdb.username}:"
                           f"{read_secret(cfg.tsdb.password_file, 'tsdb.password_file')}"
                           if cfg.tsdb.username and cfg.tsdb.password_file else None)
+        self.rrd = RrdGraphs(cfg.rrd.dir, cfg.rrd.rrdtool, cfg.rrd.cache_s,
+                             cfg.rrd.rrdcached_socket) if cfg.rrd.dir else None
         tls = None
         if cfg.tls_cert_file and cfg.tls_key_file:
             tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -13,6 +13,7 @@ import json
 import math
 import re
 import time
+import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -81,6 +82,7 @@ class View:
     assets: dict[str, str]  # file name -> versioned URL
     stale_factor: float
     tsdb: bool
+    rrd: bool = False
     query: str = ""  # the kiosk token part of links, already URL-encoded ("" or "&token=...")
 
 
@@ -356,10 +358,11 @@ def outputs(values: dict[str, dict[str, Any]], view: View) -> str:
 
 def history(values: dict[str, dict[str, Any]], chosen: list[str], span: str, step: str,
             view: View) -> str:
-    if not view.tsdb:
+    if not view.tsdb and not view.rrd:
         return ('<h1>History</h1><p class="notice" id="no-tsdb">No timeseries database is '
-                'configured for pihub-web (<code>tsdb.url</code>), so there is no history to '
-                'draw. Configure the VictoriaMetrics that store-tsdb writes to.</p>')
+                'configured for pihub-web (<code>tsdb.url</code>), nor store-rrd\'s files '
+                '(<code>rrd.dir</code>), so there is no history to draw. Configure the '
+                'VictoriaMetrics that store-tsdb writes to.</p>')
     boxes = "".join(
         f'<label><input type="checkbox" name="series" value="{esc(k)}"'
         f'{" checked" if k in chosen else ""}> {esc(k)}</label>'
@@ -367,6 +370,18 @@ def history(values: dict[str, dict[str, Any]], chosen: list[str], span: str, ste
     spans = "".join(
         f'<label><input type="radio" name="range" value="{r}"{" checked" if r == span else ""}>'
         f' {r}</label>' for r in RANGES)
+    if not view.tsdb:  # store-rrd's graphs, drawn by the daemon: no script needed
+        images = "".join(
+            f'<figure class="rrd"><img alt="{esc(c)}, {esc(span)}" '
+            f'src="/api/rrd?{esc(urllib.parse.urlencode({"series": c, "range": span}))}">'
+            f'</figure>' for c in chosen if SERIES.match(c))
+        return ('<h1>History</h1><form method="get" action="/history" id="rform">'
+                f'<fieldset class="spans"><legend>range</legend>{spans}</fieldset>'
+                f'<fieldset class="pick"><legend>series</legend>{boxes or "none yet"}'
+                '</fieldset><button type="submit">Draw</button></form>'
+                f'<div id="rrd">{images or "<p class=muted>Pick one or more series.</p>"}</div>'
+                '<p class="muted">Drawn by rrdtool from store-rrd\'s files (no timeseries '
+                'database configured).</p>')
     return ('<h1>History</h1><form method="get" action="/history" id="hform">'
             f'<fieldset class="spans"><legend>range</legend>{spans}</fieldset>'
             f'<fieldset class="pick"><legend>series</legend>{boxes or "none yet"}</fieldset>'

@@ -33,6 +33,7 @@ from pihub.topics import SEGMENT
 
 from . import pages
 from .auth import ADMIN, Session
+from .rrd import RrdError
 from .state import Client
 
 if TYPE_CHECKING:
@@ -264,7 +265,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             user=session.user, role=session.role, csrf=session.csrf, kiosk=kiosk,
             dark=params.get("theme", [""])[0] == "dark",
             assets={n: a.url for n, a in self.server.assets.items()},
-            stale_factor=cfg.stale_factor, tsdb=bool(cfg.tsdb.url),
+            stale_factor=cfg.stale_factor, tsdb=bool(cfg.tsdb.url), rrd=self.web.rrd is not None,
             query=("&" + urllib.parse.urlencode({"token": token})) if token else "")
         snap = self.web.state.snapshot()
         now = time.time()
@@ -296,6 +297,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         if path == "/api/history":
             self.history(params)
+            return
+        if path == "/api/rrd":
+            self.rrd_graph(params)
             return
         if path == "/api/session":
             self.send_json(HTTPStatus.OK, {"user": session.user, "role": session.role,
@@ -421,6 +425,33 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_json(HTTPStatus.OK, {"range": span, "start": round(start, 3),
                                        "end": round(end, 3), "step": step, "band": band,
                                        "series": out})
+
+    def rrd_graph(self, params: dict[str, list[str]]) -> None:
+        """``/api/rrd?series=<location>/<quantity>&range=24h``: store-rrd's file as a PNG."""
+        graphs = self.web.rrd
+        if graphs is None:
+            self.error_json(HTTPStatus.NOT_FOUND, "no RRD directory configured (rrd.dir)")
+            return
+        key = (params.get("series") or [""])[0]
+        span = (params.get("range") or ["24h"])[0]
+        location, _, quantity = key.partition("/")
+        if not (SEGMENT.match(location) and SEGMENT.match(quantity)) or span not in SPANS:
+            self.error_json(HTTPStatus.BAD_REQUEST, "give series=<location>/<quantity> of "
+                            f"[a-z0-9_-] and range= one of {', '.join(SPANS)}")
+            return
+        try:
+            png = graphs.png(location, quantity, span)
+        except LookupError as exc:
+            self.error_json(HTTPStatus.NOT_FOUND, str(exc))
+            return
+        except RrdError as exc:
+            self.web.count("rrd_errors")
+            self.web.count("errors")
+            log.warning("history: %s", exc)
+            self.error_json(HTTPStatus.BAD_GATEWAY, str(exc))
+            return
+        self.send(HTTPStatus.OK, png, "image/png",
+                  {"Cache-Control": f"private, max-age={int(graphs.cache_s)}"})
 
     def query(self, promql: str, start: float, end: float, step: int) -> list[list[float]]:
         """[[unix seconds, value], ...] of one query_range answer (one series expected)."""
