@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from conftest import wait_until
 from web_helpers import KIOSK_TOKEN, PASSWORD, start_web
 
@@ -215,6 +216,29 @@ def test_a_script_board_item_shows_as_text_and_the_kiosk_is_read_only(
     assert page.execute_script("return document.body.dataset.role") == "viewer"
     assert not page.find_elements(By.CSS_SELECTOR, "header")  # kiosk: no chrome
     page.save_screenshot(str(shots / "boards-kiosk.png"))
+
+
+def test_a_kiosk_page_catches_up_by_itself_after_the_daemon_restarts(
+        page, start_daemon, observe, topic_root, tmp_path):
+    """A restart ends every session; the wall display reconnects, logs in again with its
+    token and starts from a fresh snapshot, with what changed while the daemon was away."""
+    token_file = tmp_path / "kiosk.token"
+    token_file.write_text(KIOSK_TOKEN)
+    obs = observe()
+    proc, web = start_web(start_daemon, kiosk_token_file=str(token_file))
+    obs.publish(f"{topic_root}/data/hall/temperature", data(19.5), retain=True)
+    page.get(f"http://127.0.0.1:{web.port}/?kiosk=1&token={KIOSK_TOKEN}")
+    live(page)
+    row = 'tr[id="v:hall/temperature"] .val'
+    wait_until(lambda: text_of(page, row) == "19.5", 10, "the value")
+    assert proc.stop() == 0
+    wait_until(lambda: not page.execute_script("return pihub.connected"), 10,
+               "the page to see the stream gone")
+    obs.publish(f"{topic_root}/data/hall/temperature", data(23.5), retain=True)  # while away
+    again = start_daemon("web", yaml.safe_load(proc.config_file.read_text()))
+    again.wait_log("ready: connected and subscribed", 15)
+    wait_until(lambda: text_of(page, row) == "23.5", 30, "the page caught up by itself")
+    assert page.execute_script("return document.body.dataset.role") == "viewer"
 
 
 def test_alerts_show_rules_and_notifications_live(page, start_daemon, observe, topic_root,
