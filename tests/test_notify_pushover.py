@@ -16,7 +16,7 @@ import pytest
 import yaml
 from conftest import DaemonProcess, Observer, free_port, run_cli, wait_until
 from notify_pushover_helpers import RECEIVER, FakePushover, pushover_key
-from pihub.daemons import notify_pushover
+from pihub import notify
 from pihub.daemons.notify_pushover import (
     MAX_MESSAGE,
     Request,
@@ -361,7 +361,7 @@ def test_a_queued_request_is_a_private_file_and_its_removal_is_synced(tmp_path, 
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert json.loads(path.read_text()) == item.record()
     synced: list[Path] = []
-    monkeypatch.setattr(notify_pushover, "fsync_directory", synced.append)
+    monkeypatch.setattr(notify, "fsync_directory", synced.append)  # the queue is pihub.notify's
     queue.remove(item)
     assert not path.exists() and synced == [tmp_path]
     again = RequestQueue(tmp_path)
