@@ -102,7 +102,11 @@ def run_env(python: str | None, extra: dict[str, str] | None = None) -> tuple[st
 
 
 # Example settings that need hardware this machine lacks, replaced by their stand-ins.
-OFF_PI = {"pihub.daemons.sensor_gpio": {"backend": "simulated"}}
+OFF_PI: dict[str, dict[str, Any]] = {
+    "pihub.daemons.sensor_gpio": {"backend": "simulated"},
+    # the page on loopback, on a port the kernel picks (its example says 0.0.0.0:8080)
+    "pihub.daemons.web": {"listen_address": "127.0.0.1", "port": 0},
+}
 
 
 def config_for(module: str, port: int, workdir: Path, python: str | None) -> Path:
