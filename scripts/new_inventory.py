@@ -25,11 +25,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pihub.daemons.web.auth import hash_password
+
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "inventory" / "example"
 # A value of the example vault that only says "make me random" (the play refuses them as they are)
 RANDOM_PLACEHOLDER = re.compile(
-    r"^(vault_[a-z_]+): change-me-to-(a|another|a-third)-long-random-string$", re.M)
+    r"^(vault_[a-z_]+): change-me-to-(a|another|a-third|a-fourth)-long-random-string$", re.M)
 
 
 def fail(code: int, message: str) -> int:
@@ -37,7 +39,7 @@ def fail(code: int, message: str) -> int:
     return code
 
 
-def vault_text(pushover_token: str, pushover_user: str) -> str:
+def vault_text(pushover_token: str, pushover_user: str, web_password: str) -> str:
     """The example vault with every secret filled in; no placeholder survives."""
     text = (EXAMPLE / "group_vars/pihub/vault.yml.example").read_text()
     text = RANDOM_PLACEHOLDER.sub(lambda m: f"{m.group(1)}: {secrets.token_urlsafe(32)}", text)
@@ -45,6 +47,10 @@ def vault_text(pushover_token: str, pushover_user: str) -> str:
                   text, flags=re.M)
     text = re.sub(r"^vault_pushover_user_key: .*$",
                   f"vault_pushover_user_key: {pushover_user!r}", text, flags=re.M)
+    # The page's login: admin with a new password, kept beside its hash for you to read.
+    text = re.sub(r"^vault_pihub_web_users:\n(?:  .*\n)*",
+                  f"vault_pihub_web_users:\n  admin: {hash_password(web_password)}\n"
+                  f"vault_pihub_web_admin_password: {web_password}\n", text, flags=re.M)
     # Outside devices get logins when you add them; none to begin with.
     text = re.sub(r"^vault_mosquitto_extra_users:\n(?:[ #].*\n?)*",
                   "vault_mosquitto_extra_users: []\n#  - name: tasmota-plug-1\n"
@@ -82,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(69, "ansible-vault is not installed: run it through `make inventory` "
                         "(which sets up the project's .venv)")
 
+    web_password = secrets.token_urlsafe(12)
     token = os.environ.get("PUSHOVER_TOKEN", "")
     user_key = os.environ.get("PUSHOVER_USER_KEY", "")
     shutil.copytree(EXAMPLE, target, ignore=shutil.ignore_patterns("vault.yml"))
@@ -102,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     vault = target / "group_vars/pihub/vault.yml"
     fd = os.open(vault, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(vault_text(token, user_key))
+        f.write(vault_text(token, user_key, web_password))
     done = subprocess.run([ansible_vault, "encrypt", "--vault-password-file", str(vault_pass),
                            str(vault)], capture_output=True, text=True)
     if done.returncode != 0:
@@ -112,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{vault_pass} (keep a copy of it somewhere safe)")
     if not (token and user_key):
         print(f"{target}: notify-pushover is off (no PUSHOVER_TOKEN / PUSHOVER_USER_KEY given)")
+    print(f"{target}: the page's login is admin / {web_password} (also in the vault: "
+          f"vault_pihub_web_admin_password)")
     print(f"next: make pi-check INVENTORY={target}   (dry run), then make pi INVENTORY={target}")
     return 0
 

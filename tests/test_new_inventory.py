@@ -66,6 +66,14 @@ def test_generated_vault_is_strong_encrypted_and_passes_the_plays_checks(tmp_pat
     assert all(len(v) >= 16 for v in generated)  # pihub_secret_min_length
     assert len(set(generated)) == 3
     assert vault["vault_mosquitto_extra_users"] == []
+    # the page's login: a new admin password, its hash the one the vault holds
+    from pihub.daemons.web.auth import Auth
+    password = vault["vault_pihub_web_admin_password"]
+    assert f"admin / {password}" in done.stdout
+    assert vault["vault_pihub_web_users"]["admin"].startswith("pbkdf2_sha256$")
+    assert len(vault["vault_pihub_web_kiosk_token"]) >= 16
+    auth = Auth({"admin": vault["vault_pihub_web_users"]["admin"]}, [], None, 60)
+    assert auth.check("test", "admin", password) is not None
     # without a Pushover account the daemon that needs one is off, so its empty keys pass
     main = yaml.safe_load((inventory / "group_vars/pihub/main.yml").read_text())
     assert {"name": "notify-pushover", "enabled": False} in main["pihub_daemon_overrides"]

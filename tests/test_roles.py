@@ -36,6 +36,9 @@ STRONG_VAULT: dict[str, Any] = {
     "vault_pushover_user_key": "test-only-u1v2w3x4y5z6u7v8w9x0y",
     "vault_timeseries_http_password": "test-only-h7J3kP9qW2eR5tY8uI1oA",
     "vault_timeseries_delete_auth_key": "test-only-d4F6gH8jK1lZ3xC5vB7nM",
+    "vault_pihub_web_users": {"admin": "pbkdf2_sha256$100000$dGVzdC1vbmx5LXNhbHQ=$"
+                                       "h4sh0fN0Pa55w0rdAtA11Xq8Lk2Vn5Rz7Wc9Ty1Ue3I="},
+    "vault_pihub_web_kiosk_token": "test-only-k1o2s3k4t5o6k7e8n9x0",
     "vault_mosquitto_extra_users": [
         {"name": "tasmota-plug-1", "password": "test-only-plug-Jx4Lq9Rz2Wv7",
          "acl": [{"topic": "tasmota/plug-1/#", "access": "readwrite"}]},
@@ -114,6 +117,15 @@ def test_example_vault_is_refused_naming_each_placeholder_before_anything_change
 def test_example_vault_passes_when_a_stand_in_opts_in(tmp_path: Path) -> None:
     result = checks(tmp_path, {"pihub_allow_demo_secrets": True}, STANDIN, vault=VAULT)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_example_pages_login_is_refused_for_a_real_pi(tmp_path: Path) -> None:
+    """The example vault's admin hash (make demo's login) is no login for a Pi."""
+    example = yaml.safe_load(VAULT.read_text())["vault_pihub_web_users"]
+    result = checks(tmp_path, vault=vault_file(tmp_path, vault_pihub_web_users=example))
+    refused(result, "the password hash of user admin in config.users of daemon web still holds "
+                    "the example vault's value")
+    assert "TASK [base" not in result.stdout, result.stdout
 
 
 def test_short_secret_is_refused_with_its_variable_and_never_printed(tmp_path: Path) -> None:

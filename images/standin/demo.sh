@@ -75,7 +75,8 @@ docker exec "$container" sh -c '
     -t "pihub/+/meta" -t "pihub/+/status" -v' sh "$seconds" "$first" || [[ $? == 124 ]]
 
 if docker exec "$container" test -e /etc/pihub/web.yml; then
-  say "the page: http://127.0.0.1:$port/  (login: demo / $(docker exec "$container" cat /etc/pihub/demo-login 2>/dev/null || echo 'see inventory/standin/overrides.yml'))"
+  # the example vault's login (its hash is of this password; never a Pi's: the play refuses it)
+  say "the page: http://127.0.0.1:$port/  login: admin / pihub-demo  (kiosk: /boards?kiosk=1)"
 fi
 say "the hub keeps running in $container: docker exec -it $container bash (a shell on the stand-in Pi)"
 say "stop it with: docker rm -f $container"
