@@ -91,8 +91,9 @@ def _loopback(host: str) -> bool:
 
 @dataclass(kw_only=True)
 class Config(NotifierConfig):
-    timeout: float = setting(20.0, "Seconds to wait for each step of the SMTP conversation.",
-                             min=0.5, max=120)
+    timeout: float = setting(
+        10.0, "Seconds to wait for each step of the SMTP conversation (about 8 round trips; "
+              "keep it well below heartbeat_interval).", min=0.5, max=120)
     host: str = setting(help="SMTP server (your provider's submission server, or a local "
                              "relay).", pattern=r"^[A-Za-z0-9.:_-]+$", example="smtp.example.org")
     port: int | None = setting(None, "SMTP port; null: 587 for starttls, 465 for tls, 25 for "
