@@ -299,8 +299,9 @@ _PUBLISH_LINE = re.compile(r"Received PUBLISH from (\S+) \(d\d, q\d, r\d, m\d+, 
 
 def declared_filters(module: str, config_file: Path) -> tuple[str, list[str]] | None:
     """The daemon's MQTT client id and the filters it may publish on, from its config file:
-    its own subtree and what ``published_topics`` declares (what ``--print-acl`` prints and the
-    broker's ACL grants); None for a config that does not load (the daemon never ran)."""
+    its own subtree, what ``published_topics`` declares and the outside-root topics it writes
+    (what ``--print-acl`` prints and the broker's ACL grants); None for a config that does not
+    load (the daemon never ran)."""
     if module.startswith("pihub_") and str(PROBE) not in sys.path:
         sys.path.append(str(PROBE))  # the test-only daemons
     target = module if module.startswith("pihub_") else f"pihub.daemons.{module}"
@@ -315,7 +316,9 @@ def declared_filters(module: str, config_file: Path) -> tuple[str, list[str]] | 
     root = config.topic_root
     client_id = config.mqtt.client_id or f"pihub-{cls.name}-{socket.gethostname()}"
     return client_id, [f"{root}/{cls.name}/#",
-                       *(f"{root}/{topic}" for topic in cls.published_topics(config))]
+                       *(f"{root}/{topic}" for topic in cls.published_topics(config)),
+                       *(topic for topic, access in cls.outside_root_topics(config)
+                         if "write" in access)]
 
 
 def check_published_as_declared(broker: Broker, procs: list[DaemonProcess]) -> None:

@@ -151,6 +151,25 @@ class Daemon(Generic[C]):
         docs/contract.md section 2): a daemon may write nothing else outside its subtree."""
         return []
 
+    @classmethod
+    def outside_root_topics(cls, config: C) -> list[tuple[str, str]]:
+        """Topics (or filters) *outside* ``topic_root`` this daemon uses, absolute, each with
+        the access it needs (``read``, ``write`` or ``readwrite``): Home Assistant's discovery
+        prefix, say. ``--print-acl`` prints them as ``outside_root`` (topic and access, the
+        shape of an inventory entry's ``mqtt_acl``), for the ACL to grant them as they are."""
+        return []
+
+    def publishes(self) -> list[str]:
+        """Every filter this daemon may publish on outside its own subtree, absolute: its
+        ``published_topics`` under the root and its outside-root topics it writes. Sent as
+        ``publishes`` in every metadata event, so that a reader can tell which daemon a topic
+        belongs to (contract section 2)."""
+        cls = type(self)
+        inside = (f"{self.config.topic_root}/{t}" for t in cls.published_topics(self.config))
+        outside = (t for t, access in cls.outside_root_topics(self.config)
+                   if "write" in access)
+        return sorted({*inside, *outside})
+
     # ------------------------------------------------------------------ helpers for daemons
 
     def every(self, interval: float, fn: Callable[[], None], *, first_in: float = 0.0,
@@ -218,6 +237,7 @@ class Daemon(Generic[C]):
             "interval_s": self.config.heartbeat_interval,
             "rss_kb": rss_kb(),
             "counters": self.counters.snapshot(),
+            "publishes": self.publishes(),
             **self.heartbeat_extra(),
         }
 
@@ -368,7 +388,8 @@ class Daemon(Generic[C]):
         parser.add_argument("--print-acl", metavar="FILE",
                             help="validate FILE like --check-config, then print as JSON the "
                                  "topics the daemon publishes outside its own subtree "
-                                 "(relative to topic_root), exit 0 or 78")
+                                 "(relative to topic_root; those outside the root, absolute, "
+                                 "as outside_root), exit 0 or 78")
         args = parser.parse_args(argv)
 
         if args.print_config_example:
@@ -389,7 +410,11 @@ class Daemon(Generic[C]):
                 print(f"{prog}: {args.print_acl}: {exc}", file=sys.stderr)
                 return EX_CONFIG
             declared = sorted(set(cls.published_topics(checked)))  # type: ignore[arg-type]
-            print(json.dumps({"topic_root": checked.topic_root, "write": declared}))
+            acl: dict[str, Any] = {"topic_root": checked.topic_root, "write": declared}
+            outside = sorted(set(cls.outside_root_topics(checked)))  # type: ignore[arg-type]
+            if outside:
+                acl["outside_root"] = [{"topic": t, "access": a} for t, a in outside]
+            print(json.dumps(acl))
             return 0
 
         try:
