@@ -144,7 +144,7 @@ def _daemon_modules() -> list[tuple[str, str]]:
 EXAMPLE_KEYS = {
     "sensor_system": ["interval:", "filesystems:"],
     "monitor": ["rules:", "flap_window_s:"],
-    "store_tsdb": ["url: http://127.0.0.1:8428"],
+    "store_tsdb": ["url: http://127.0.0.2:8428"],
 }
 
 
