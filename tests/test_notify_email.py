@@ -253,6 +253,8 @@ def test_request_is_mailed_over_starttls_after_auth_plain(start_notifier, observ
         ".notify-email@hub.example.org>")
     assert (msg["X-Priority"], msg["Importance"], msg["Auto-Submitted"]) == (
         "2 (High)", "high", "auto-generated")
+    assert msg["Content-Transfer-Encoding"] == "quoted-printable"  # 7-bit, for any relay
+    assert mail.raw.isascii()
     assert mail.text.startswith("pihub-store-rrd on pi4 is down since 10:42:07 — Küche\n")
     assert f"from {topic_root}/notify/monitor" in mail.text
     counters = counters_reach(obs, topic_root, sent=1)

@@ -230,7 +230,7 @@ class EmailNotifier(Notifier[Config]):
         if top != 0:
             msg["Importance"] = "high" if top > 0 else "low"
         msg["Auto-Submitted"] = "auto-generated"
-        msg.set_content(self.body(batch))
+        msg.set_content(self.body(batch), cte="quoted-printable")  # 7-bit: any relay
         return msg
 
     def body(self, batch: list[Request]) -> str:

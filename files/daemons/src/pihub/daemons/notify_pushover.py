@@ -66,7 +66,6 @@ from pihub.notify import (  # noqa: F401 (MAX_MESSAGE, Request, parse_request: t
 #: Emergency priority: Pushover requires retry >= 30 s and expire <= 10800 s.
 MIN_RETRY = 30
 MAX_EXPIRE = 10800
-DEFAULT_QUEUE_DIR = "/var/lib/pihub-notify-pushover"  # what state_directory() falls back to
 
 
 @dataclass(kw_only=True)
