@@ -195,6 +195,28 @@ def test_home_assistant_shows_a_sensor_with_its_unit_device_class_and_state(
     assert health["attributes"]["device_class"] == "connectivity"
 
 
+def test_display_boards_are_sensors_with_the_payload_as_attributes(homeassistant, start_daemon,
+                                                                  observe, topic_root):
+    obs = observe()
+    obs.publish(f"{topic_root}/display/bikes/gare", {
+        "station_id": "1", "name": "Gare", "bikes": 12, "mechanical": 7, "electric": 5,
+        "docks": 3, "ts": 1.0, "stale": False, "reason": None}, retain=True)
+    obs.publish(f"{topic_root}/display/bus/stop", {
+        "stop": "Ost", "departures": [], "fetched_at": None, "ts": 1.0, "stale": True,
+        "reason": "page unreachable"}, retain=True)
+    start_daemon("homeassistant", {"cleanup_after": 1})
+    bikes = homeassistant.wait_state(f"sensor.{topic_root}_display_bikes_gare", "12")
+    # (Home Assistant drops attributes it reserves, such as name)
+    assert bikes["attributes"]["electric"] == 5 and bikes["attributes"]["station_id"] == "1"
+    assert bikes["attributes"]["unit_of_measurement"] == "bikes"
+    bus = homeassistant.wait_state(f"sensor.{topic_root}_display_bus_stop", "unknown")
+    assert bus["attributes"]["reason"] == "page unreachable"
+    obs.publish(f"{topic_root}/display/bus/stop", {
+        "stop": "Ost", "departures": [{"line": "S 5", "minutes": 4}], "fetched_at": 2.0,
+        "ts": 2.0, "stale": False, "reason": None}, retain=True)
+    homeassistant.wait_state(f"sensor.{topic_root}_display_bus_stop", "4")
+
+
 def test_a_home_assistant_switch_toggles_a_simulated_gpio_output(homeassistant, start_daemon,
                                                                 observe, topic_root):
     obs = observe(f"{topic_root}/data/hall/heater")

@@ -175,6 +175,7 @@ class HomeAssistant(Daemon[Config]):
         self.series: dict[str, _Series] = {}  # data topic -> series
         self.boards: dict[str, _Board] = {}  # display topic -> item
         self._ids: dict[str, str] = {}  # object id -> the topic that has it
+        self._owners: dict[str, str | None] = {}  # topic -> its daemon, until a publishes changes
         self._published: dict[str, bytes] = {}  # config topic -> payload last published
         self._leftovers: set[str] = set()  # config topics on the broker, not published by us
         self._dirty = True
@@ -277,6 +278,7 @@ class HomeAssistant(Daemon[Config]):
                 record.meta_ts = float(ts)
             if mine != record.publishes:
                 record.publishes = mine
+                self._owners.clear()
                 self._dirty = True
 
     def on_data(self, msg: Message) -> None:
@@ -382,6 +384,7 @@ class HomeAssistant(Daemon[Config]):
         return True
 
     def _forget_id(self, topic: str) -> None:
+        self._owners.pop(topic, None)
         for object_id in [o for o, t in self._ids.items() if t == topic]:
             del self._ids[object_id]
 
@@ -399,15 +402,19 @@ class HomeAssistant(Daemon[Config]):
     # ------------------------------------------------------------------ announcing
 
     def _owner(self, topic: str) -> _Daemon | None:
-        """The daemon whose most specific ``publishes`` filter matches ``topic``."""
-        best: tuple[tuple[int, int, str], str] | None = None
-        for record in self.daemons.values():
-            for f in record.publishes:
-                if mqtt.topic_matches_sub(f, topic):
-                    key = (specificity(f), record.name)
-                    if best is None or key < best:
-                        best = key
-        return self.daemons[best[1]] if best else None
+        """The daemon whose most specific ``publishes`` filter matches ``topic`` (cached until
+        a daemon's ``publishes`` changes)."""
+        if topic not in self._owners:
+            best: tuple[tuple[int, int, str], str] | None = None
+            for record in self.daemons.values():
+                for f in record.publishes:
+                    if mqtt.topic_matches_sub(f, topic):
+                        key = (specificity(f), record.name)
+                        if best is None or key < best:
+                            best = key
+            self._owners[topic] = best[1] if best else None
+        name = self._owners[topic]
+        return self.daemons[name] if name else None
 
     def _gone(self, record: _Daemon, now: float) -> bool:
         if record.cleared:
