@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,8 @@ STRONG_VAULT: dict[str, Any] = {
     "vault_pihub_web_users": {"admin": "pbkdf2_sha256$100000$dGVzdC1vbmx5LXNhbHQ=$"
                                        "h4sh0fN0Pa55w0rdAtA11Xq8Lk2Vn5Rz7Wc9Ty1Ue3I="},
     "vault_pihub_web_kiosk_token": "test-only-k1o2s3k4t5o6k7e8n9x0",
+    "vault_ntfy_token": "tk_test-only-n1t2f3y4t5o6k7e8n9",
+    "vault_smtp_password": "test-only-s1m2t3p4p5a6s7s8w9d0",
     "vault_mosquitto_extra_users": [
         {"name": "tasmota-plug-1", "password": "test-only-plug-Jx4Lq9Rz2Wv7",
          "acl": [{"topic": "tasmota/plug-1/#", "access": "readwrite"}]},
@@ -64,7 +67,8 @@ def checks(tmp_path: Path, extra_vars: dict[str, Any] | None = None,
     inventory = tmp_path / "inventory"
     inventory.mkdir()
     (inventory / "hosts.yml").write_text(
-        "pihub:\n  hosts:\n    localhost:\n      ansible_connection: local\n")
+        "pihub:\n  hosts:\n    localhost:\n      ansible_connection: local\n"
+        f"      ansible_python_interpreter: {sys.executable}\n")
     (inventory / "group_vars").symlink_to(EXAMPLE / "group_vars")
     args = [playbook, "-i", str(inventory), str(REPO / "playbooks" / "site.yml"),
             "--tags", "no-task-has-this-tag", "-e", f"@{vault}",
@@ -72,6 +76,8 @@ def checks(tmp_path: Path, extra_vars: dict[str, Any] | None = None,
             "-e", "ansible_become=false"]
     for path in var_files:
         args += ["-e", f"@{path}"]
+    if extra_vars is not None and extra_vars.pop("_dry_run", False):
+        args.append("--check")
     if extra_vars is not None:
         path = tmp_path / "extra-vars.json"
         path.write_text(json.dumps(extra_vars))
@@ -206,3 +212,20 @@ def test_argument_spec_lists_every_default_with_its_value(role: str) -> None:
     for name, value in defaults.items():
         assert options[name]["description"], name
         assert options[name].get("default") == value, name
+
+
+def test_dry_run_of_a_host_never_provisioned_says_so_and_ends_green(tmp_path: Path) -> None:
+    """`make pi-check` on a fresh Pi: nothing to compare yet, one message, success."""
+    result = checks(tmp_path, {"pihub_venv": str(tmp_path / "no-venv"), "_dry_run": True})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "was never provisioned by pihub" in result.stdout
+    assert "A dry run compares against an installed hub, so it stops here" in result.stdout
+
+
+def test_dry_run_of_a_provisioned_host_goes_on(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("")
+    result = checks(tmp_path, {"pihub_venv": str(venv), "_dry_run": True})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "was never provisioned by pihub" not in result.stdout
