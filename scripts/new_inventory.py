@@ -47,6 +47,9 @@ def vault_text(pushover_token: str, pushover_user: str, web_password: str) -> st
                   text, flags=re.M)
     text = re.sub(r"^vault_pushover_user_key: .*$",
                   f"vault_pushover_user_key: {pushover_user!r}", text, flags=re.M)
+    # Accounts of the notifiers that are off until you set them up: commented out, to fill in.
+    text = re.sub(r"^(vault_ntfy_token|vault_smtp_password): change-me-.*$",
+                  r"# \1: (yours, once you enable its notifier)", text, flags=re.M)
     # The page's login: admin with a new password, kept beside its hash for you to read.
     text = re.sub(r"^vault_pihub_web_users:\n(?:  .*\n)*",
                   f"vault_pihub_web_users:\n  admin: {hash_password(web_password)}\n"
