@@ -97,7 +97,8 @@ class Session:
             await self.reply("535 5.7.8 Authentication credentials invalid")
 
     async def data(self) -> bytes | None:
-        lines, size = [], 0
+        lines: list[bytes] = []
+        size = 0
         while True:
             raw = await self.reader.readline()
             if not raw:

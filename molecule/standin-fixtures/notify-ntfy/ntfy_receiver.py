@@ -53,7 +53,7 @@ class Handler(BaseHTTPRequestHandler):
     server: Receiver
     server_version = "ntfy-receiver/1"
 
-    def _answer(self, code: int, body: dict) -> None:
+    def _answer(self, code: int, body: dict[str, object]) -> None:
         data = json.dumps(body).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
