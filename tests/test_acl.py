@@ -49,6 +49,18 @@ def test_print_acl_declares_the_topics_the_config_publishes_on(
     assert json.loads(result.stdout) == {"topic_root": "home", "write": declared}
 
 
+def test_print_acl_declares_home_assistants_topics_outside_the_root(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "config.yml", {"topic_root": "home/hub",
+                                                  "discovery_prefix": "ha"})
+    result = run_cli("homeassistant", "--print-acl", str(path))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"topic_root": "home/hub", "write": [], "outside_root": [
+        {"topic": "ha/binary_sensor/home_hub/#", "access": "readwrite"},
+        {"topic": "ha/sensor/home_hub/#", "access": "readwrite"},
+        {"topic": "ha/status", "access": "read"},
+        {"topic": "ha/switch/home_hub/#", "access": "readwrite"}]}
+
+
 def test_print_acl_refuses_a_bad_config_like_check_config(tmp_path: Path) -> None:
     path = write_config(tmp_path / "config.yml", {"location": "Hall Way"})
     result = run_cli("sensor_system", "--print-acl", str(path))
@@ -66,6 +78,7 @@ DAEMONS = [
      "mqtt_acl": [{"topic": "cmd/sensor-gpio/#", "access": "read"}]},
     {"name": "store-tsdb", "config": {"url": "http://127.0.0.2:8428"},
      "mqtt_acl": [{"topic": "data/#", "access": "read"}], "timeseries_client": True},
+    {"name": "homeassistant", "config": {}},
 ]
 # Outside devices, each its own user: one with a wide grant of its own, one that lists the
 # heater's topic as it is (its ACL says so), and an operator that reads everything.
@@ -75,7 +88,7 @@ EXTRA_USERS = [
     {"name": "panel", "password": "test-only-panel-password",
      "acl": [{"topic": "pihub/data/hall/heater", "access": "write"}]},
     {"name": "reader", "password": "test-only-reader-password",
-     "acl": [{"topic": "pihub/#", "access": "read"}]},
+     "acl": [{"topic": "pihub/#", "access": "read"}, {"topic": "homeassistant/#", "access": "read"}]},
 ]
 PLAYBOOK = """
 - name: The mosquitto role's ACL, written from the pihub role's users and their declarations
@@ -198,3 +211,30 @@ def test_mosquitto_drops_a_forged_reading_and_keeps_the_owners(acl_broker) -> No
     publish(broker, passwords, "panel", heater, "panel")
     assert retained(broker, passwords, heater) == {heater: "panel"}
     assert "Denied PUBLISH" in broker.log.read_text()
+
+
+def test_acl_grants_declared_topics_outside_the_root_as_they_are(acl_broker) -> None:
+    broker, acl, passwords = acl_broker
+    block = acl.split("\nuser pihub-homeassistant\n", 1)[1].split("\n\n", 1)[0]
+    # outside_root topics as declared: no topic_root in front, no deny for anyone
+    assert block.splitlines() == [
+        "topic readwrite pihub/homeassistant/#",
+        "topic readwrite homeassistant/binary_sensor/pihub/#",
+        "topic readwrite homeassistant/sensor/pihub/#",
+        "topic read homeassistant/status",
+        "topic readwrite homeassistant/switch/pihub/#",
+        "topic read pihub/#"]
+    assert "pihub/homeassistant/sensor" not in acl and "deny homeassistant" not in acl
+    # the broker lets it write its discovery configs there, and nothing else outside the root
+    mine, other, birth = ("homeassistant/sensor/pihub/data_hall_cpu_temp/config",
+                          "homeassistant/sensor/other/data_hall_cpu_temp/config",
+                          "homeassistant/status")
+    publish(broker, passwords, "pihub-homeassistant", mine, "config")
+    publish(broker, passwords, "pihub-homeassistant", other, "forged")
+    publish(broker, passwords, "pihub-homeassistant", birth, "forged")
+    publish(broker, passwords, "pihub-sensor-system", mine, "forged")
+    publish(broker, passwords, "pihub-homeassistant", "homeassistant/switch/pihub/x/config",
+            "switch")
+    assert retained(broker, passwords, mine, "homeassistant/switch/pihub/x/config") == {
+        mine: "config", "homeassistant/switch/pihub/x/config": "switch"}
+    assert retained(broker, passwords, other, birth) == {}
