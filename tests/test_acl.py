@@ -88,7 +88,8 @@ EXTRA_USERS = [
     {"name": "panel", "password": "test-only-panel-password",
      "acl": [{"topic": "pihub/data/hall/heater", "access": "write"}]},
     {"name": "reader", "password": "test-only-reader-password",
-     "acl": [{"topic": "pihub/#", "access": "read"}, {"topic": "homeassistant/#", "access": "read"}]},
+     "acl": [{"topic": "pihub/#", "access": "read"},
+             {"topic": "homeassistant/#", "access": "read"}]},
 ]
 PLAYBOOK = """
 - name: The mosquitto role's ACL, written from the pihub role's users and their declarations
