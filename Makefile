@@ -30,7 +30,12 @@ test: setup ## Set up, then every test: unit tests, linters, the fresh-machine s
 	$(MAKE) molecule
 
 .PHONY: test-all
-test-all: test ## Every proof, the heavy ones too (arm64, fleet, upgrade, image boot will go here; today: make test)
+test-all: test test-homeassistant ## Every proof, the heavy ones too: make test, then a real Home Assistant (arm64, fleet, upgrade, image boot will join)
+
+.PHONY: test-homeassistant
+test-homeassistant: $(PYTHON) ## A real Home Assistant core (its own venv) reads pihub's entities back
+	tests/homeassistant_real/install.sh
+	HA_PYTHON=/var/tmp/pihub-homeassistant/venv/bin/python $(PYTEST) tests/homeassistant_real/real_homeassistant.py -v
 
 TESTS ?= tests
 .PHONY: test-unit
