@@ -104,8 +104,7 @@ def run_env(python: str | None, extra: dict[str, str] | None = None) -> tuple[st
 # Example settings that need hardware this machine lacks, replaced by their stand-ins.
 OFF_PI: dict[str, dict[str, Any]] = {
     "pihub.daemons.sensor_gpio": {"backend": "simulated"},
-    # the page on loopback, on a port the kernel picks (its example says 0.0.0.0:8080)
-    "pihub.daemons.web": {"listen_address": "127.0.0.1", "port": 0},
+    # the page on loopback, on a free port (its example says 0.0.0.0:8080): see config_for
 }
 
 
@@ -118,6 +117,10 @@ def config_for(module: str, port: int, workdir: Path, python: str | None) -> Pat
                     "username": None, "password_file": None}
     data["log_level"] = "warning"
     data.update(OFF_PI.get(module, {}))
+    if module == "pihub.daemons.web":  # the page on loopback, on a port free right now
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            data.update(listen_address="127.0.0.1", port=probe.getsockname()[1])
     path = workdir / "config.yml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -211,13 +214,15 @@ def main() -> int:
         finally:
             broker.terminate()
             broker.wait(5)
-    if args.save and not args.only:
+    if args.save:
         out = REPO / "bench" / "results" / "daemon_footprint.json"
         out.parent.mkdir(exist_ok=True)
+        # --only re-measures some daemons: the others keep their figures of the last run
+        kept = json.loads(out.read_text())["daemons"] if args.only and out.exists() else {}
         out.write_text(json.dumps({
             "date": time.strftime("%Y-%m-%d"), "python": version,
             "machine": f"{os.cpu_count()}-core {os.uname().machine}", "runs": args.runs,
-            "daemons": results}, indent=1, sort_keys=True) + "\n")
+            "daemons": {**kept, **results}}, indent=1, sort_keys=True) + "\n")
         print(f"saved {out.relative_to(REPO)}")
     return 0
 
