@@ -43,6 +43,27 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 
         time.sleep(interval)
 
 
+def start_mosquitto(workdir: Path, *conf_lines: str) -> tuple[subprocess.Popen[bytes], int]:
+    """Debian's mosquitto on a free loopback port, anonymous, with ``conf_lines`` added to its
+    config (written in ``workdir``); returned once it accepts connections."""
+    port = free_port()
+    conf = workdir / "mosquitto.conf"
+    conf.write_text("\n".join([f"listener {port} 127.0.0.1", "allow_anonymous true",
+                               *conf_lines]) + "\n")
+    proc = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c",
+                             str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def accepts() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    wait_until(accepts, 10, "mosquitto")
+    return proc, port
+
+
 class VictoriaMetrics:
     """Debian's victoria-metrics on a free loopback port; stop/start keep port and data."""
 

@@ -6,9 +6,7 @@ them); what tests and benchmarks share is in testkit/.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +17,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # for testkit, shared with the tests
 
+from testkit import loopback  # noqa: E402
 from testkit.loopback import VictoriaMetrics, free_port, wait_until  # noqa: E402
 
 __all__ = ["VictoriaMetrics", "free_port", "wait_until"]
@@ -28,22 +27,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 def start_mosquitto(workdir: Path, inflight: int) -> tuple[subprocess.Popen[bytes], int]:
     """A broker on a free loopback port; ``inflight`` is its max_inflight_messages."""
-    port = free_port()
-    conf = workdir / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
-                    f"max_inflight_messages {inflight}\nmax_queued_messages 0\n")
-    proc = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c",
-                             str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def accepts() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return True
-        except OSError:
-            return False
-
-    wait_until(accepts, 10, "mosquitto")
-    return proc, port
+    return loopback.start_mosquitto(workdir, f"max_inflight_messages {inflight}",
+                                    "max_queued_messages 0")
 
 
 def cpu_seconds(pid: int) -> float:

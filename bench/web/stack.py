@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ sys.path.insert(0, str(SRC))
 
 from pihub.daemons.web.auth import hash_password  # noqa: E402
 
+from testkit import loopback  # noqa: E402
 from testkit.loopback import VictoriaMetrics, free_port, wait_until  # noqa: E402
 
 __all__ = ["VictoriaMetrics", "free_port", "hash_password", "wait_until"]
@@ -39,22 +39,8 @@ PASSWORD = "demo"
 
 
 def start_mosquitto(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    conf = workdir / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
-                    "max_queued_messages 100000\n" + ("user root\n" if os.geteuid() == 0 else ""))
-    proc = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c",
-                             str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def accepts() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return True
-        except OSError:
-            return False
-
-    wait_until(accepts, 10, "mosquitto")
-    return proc, port
+    return loopback.start_mosquitto(workdir, "max_queued_messages 100000",
+                                    *(["user root"] if os.geteuid() == 0 else []))
 
 
 class Daemons:
