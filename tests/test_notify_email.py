@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import email
 import email.policy
+import functools
 import ipaddress
 import json
 import threading
@@ -20,13 +21,17 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
-from conftest import DaemonProcess, Observer, free_port, run_cli, wait_until
+from conftest import DaemonProcess, free_port, run_cli, wait_until
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from notify_helpers import counters_reach as _counters_reach
+from notify_helpers import request
 
 MODULE = "notify_email"
+# waits for notify-email's heartbeat counters
+counters_reach = functools.partial(_counters_reach, daemon="notify-email")
 SENDER = "pihub@hub.example.org"
 RECIPIENTS = ["me@example.org", "partner@example.org"]
 USER, PASSWORD = "pihub", "correct horse battery staple"
@@ -208,22 +213,6 @@ def start_notifier(start_daemon: Callable[..., DaemonProcess], email_config: dic
     return start
 
 
-def request(message: str, title: str | None = "pihub", priority: int = 0,
-            **extra: Any) -> dict[str, Any]:
-    payload: dict[str, Any] = {"message": message, "priority": priority, "ts": time.time(),
-                               **extra}
-    if title is not None:
-        payload["title"] = title
-    return payload
-
-
-def counters_reach(obs: Observer, topic_root: str, **expected: int) -> dict[str, int]:
-    def ok(m: Any) -> bool:
-        counters = m.json()["counters"]
-        return all(counters.get(k) == v for k, v in expected.items())
-
-    hit = obs.wait_for(f"{topic_root}/notify-email/meta", ok, timeout=20)[-1]
-    return hit.json()["counters"]  # type: ignore[no-any-return]
 
 
 def queued(tmp_path: Path) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import functools
 import json
 import re
 import secrets
@@ -23,12 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DaemonProcess, Observer, run_cli, wait_until
+from conftest import DaemonProcess, run_cli, wait_until
+from notify_helpers import counters_reach as _counters_reach
+from notify_helpers import request
 from pihub.daemons.notify_ntfy import PRIORITY, rfc2047
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 MODULE = "notify_ntfy"
+# waits for notify-ntfy's heartbeat counters
+counters_reach = functools.partial(_counters_reach, daemon="notify-ntfy")
 TOPIC = "pihub-alerts-test"
 _ENCODED_WORD = re.compile(r"^=\?utf-8\?b\?([A-Za-z0-9+/=]+)\?=$", re.I)
 
@@ -181,21 +186,6 @@ def start_notifier(start_daemon: Callable[..., DaemonProcess], ntfy_config: dict
     return start
 
 
-def request(message: str, title: str | None = "pihub", priority: int = 0,
-            **extra: Any) -> dict[str, Any]:
-    payload: dict[str, Any] = {"message": message, "priority": priority, "ts": time.time(),
-                               **extra}
-    if title is not None:
-        payload["title"] = title
-    return payload
-
-
-def counters_reach(obs: Observer, topic_root: str, **expected: int) -> dict[str, int]:
-    def ok(m: Any) -> bool:
-        counters = m.json()["counters"]
-        return all(counters.get(k) == v for k, v in expected.items())
-
-    return obs.wait_for(f"{topic_root}/notify-ntfy/meta", ok, timeout=20)[-1].json()["counters"]  # type: ignore[no-any-return]
 
 
 def messages(ntfy: FakeNtfy) -> list[str]:

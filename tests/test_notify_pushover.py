@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import stat
@@ -14,7 +15,9 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import DaemonProcess, Observer, free_port, run_cli, wait_until
+from conftest import DaemonProcess, free_port, run_cli, wait_until
+from notify_helpers import counters_reach as _counters_reach
+from notify_helpers import request
 from notify_pushover_helpers import RECEIVER, FakePushover, pushover_key
 from pihub import notify
 from pihub.daemons.notify_pushover import (
@@ -27,6 +30,8 @@ from pihub.daemons.notify_pushover import (
 from pihub.topics import Reject
 
 MODULE = "notify_pushover"
+# waits for notify-pushover's heartbeat counters
+counters_reach = functools.partial(_counters_reach, daemon="notify-pushover")
 
 
 def write_secrets(tmp_path: Path, token: str, user: str) -> dict[str, str]:
@@ -64,24 +69,6 @@ def start_notifier(start_daemon: Callable[..., DaemonProcess], notifier_config: 
     return start
 
 
-def request(message: str, title: str | None = "pihub", priority: int = 0,
-            ts: float | None = None, **extra: Any) -> dict[str, Any]:
-    payload: dict[str, Any] = {"message": message, "priority": priority,
-                               "ts": time.time() if ts is None else ts, **extra}
-    if title is not None:
-        payload["title"] = title
-    return payload
-
-
-def counters_reach(obs: Observer, topic_root: str, **expected: int) -> dict[str, int]:
-    """Wait for a heartbeat whose counters include ``expected``; return those counters."""
-
-    def ok(m: Any) -> bool:
-        counters = m.json()["counters"]
-        return all(counters.get(k) == v for k, v in expected.items())
-
-    hit = obs.wait_for(f"{topic_root}/notify-pushover/meta", ok, timeout=20)[-1]
-    return hit.json()["counters"]  # type: ignore[no-any-return]
 
 
 def messages_sent(pushover: FakePushover) -> list[str]:
