@@ -54,7 +54,9 @@ def start_daemon(name: str, config: dict[str, Any],
     conf = work / f"{name}.yml"
     conf.write_text(yaml.safe_dump(config))
     log_path = work / f"{name}.log"
-    env = {**os.environ, "PYTHONPATH": str(REPO / "files" / "daemons" / "src")}
+    # BENCH_PIHUB_SRC: another tree's pihub package (an older commit's, to compare with)
+    src = os.environ.get("BENCH_PIHUB_SRC") or str(REPO / "files" / "daemons" / "src")
+    env = {**os.environ, "PYTHONPATH": src}
     log = open(log_path, "wb")  # noqa: SIM115 (open for the daemon's life)
     proc = subprocess.Popen([sys.executable, "-m", "pihub.daemons." + name.replace("-", "_"),
                              "--config", str(conf)], stdout=log, stderr=subprocess.STDOUT,

@@ -6,6 +6,12 @@ process, then:
 * default mode: publishes N measurements (QoS 1, retained, over 100 series) as fast as one
   publisher can and reports measurements/s from the first publish until all N are queryable in
   VictoriaMetrics, plus the daemon's CPU seconds and peak RSS (VmHWM);
+* ``--compare R``: the same backlog drained by the daemon and by a bare paho + influxdb-client
+  consumer (bare_consumer.py: the least a consumer that acknowledges after storing can spend),
+  both running side by side on the same broker and DB, each given ``-n`` measurements in turn,
+  R rounds, the order alternating; reports each one's CPU microseconds per message and
+  measurements/s (first publish until all queryable), the medians and the ratio; ``--save``
+  writes them to bench/results/store_tsdb.json;
 * ``--outage S``: publishes at ``--rate`` per second for ``--duration`` seconds, stops
   VictoriaMetrics for S seconds in the middle, and reports how many points were lost and how
   many were stored twice, each counted on its own over distinct (series, timestamp) points: a
@@ -13,9 +19,10 @@ process, then:
 
     python3 bench/store_throughput/tsdb.py                 # 100000 as fast as possible
     python3 bench/store_throughput/tsdb.py --outage 60     # 1000/s, 60 s without the DB
+    python3 bench/store_throughput/tsdb.py --compare 7 --save   # the daemon vs a bare consumer
 
 Targets (issue 5): >= 20,000 measurements/s, peak RSS < 60 MB; zero loss across a 60 s DB
-outage at 1,000 measurements/s.
+outage at 1,000 measurements/s. Issue 19: CPU per message within 1.15x of the bare consumer's.
 """
 
 from __future__ import annotations
@@ -26,17 +33,21 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from common import (
+    REPO,
     VictoriaMetrics,
     cpu_seconds,
     start_daemon,
@@ -48,6 +59,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 SERIES = 100
 MAX_N = 1_000_000
+RESULT = REPO / "bench" / "results" / "store_tsdb.json"
 
 
 def remaining_length(n: int) -> bytes:
@@ -121,10 +133,10 @@ class Publisher:
         k = i % SERIES
         return f"loc{k // 10}", f"q{k % 10}_value", round(Publisher.ts(i, base) * 1000)
 
-    def packet(self, i: int, base: float) -> bytes:
+    def packet(self, i: int, base: float, topics: list[bytes] | None = None) -> bytes:
         ts = self.ts(i, base)
         payload = f'{{"value":{i % 1000 / 10},"unit":"°C","ts":{ts}}}'.encode()
-        topic = self.topics[i % SERIES]
+        topic = (topics or self.topics)[i % SERIES]
         body = struct.pack("!H", len(topic)) + topic + struct.pack("!H", i % 65535 + 1) \
             + payload
         return b"\x33" + remaining_length(len(body)) + body  # PUBLISH, QoS 1, retain
@@ -161,6 +173,11 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=1000.0, help="outage mode: messages/s")
     ap.add_argument("--duration", type=float, default=0.0,
                     help="outage mode: seconds of publishing (default outage + 30)")
+    ap.add_argument("--compare", type=int, default=0, metavar="ROUNDS",
+                    help="the daemon against a bare paho + influxdb-client consumer, ROUNDS "
+                    "rounds of -n measurements each")
+    ap.add_argument("--save", action="store_true",
+                    help=f"--compare: write the figures to {RESULT.relative_to(REPO)}")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--profile", metavar="FILE",
                     help="record the daemon with py-spy (collapsed stacks) into FILE")
@@ -180,9 +197,14 @@ def main() -> int:
         "spool_dir": str(work / "state"), "batch_size": args.batch_size,
         "retry_interval": 1, "retry_max": 2,
     }
+    if args.compare:
+        config["host_tag"] = "store-tsdb"
+        config["heartbeat_interval"] = 5
     daemon, log = start_daemon("store-tsdb", config, work)
-    pub = None
+    pub = bare = None
     try:
+        if args.compare:
+            bare = start_bare(port, vm.url, args.batch_size, work)
         pub = Publisher(port, root)
         rss_idle = status_kb(daemon.pid, "VmRSS")
         cpu0 = cpu_seconds(daemon.pid)
@@ -193,8 +215,10 @@ def main() -> int:
                                     "-f", "raw", "-o", args.profile, "--threads"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1)  # py-spy attaches
-        if args.outage:
-            report = outage_run(args, pub, vm, base)
+        if args.compare:
+            assert bare is not None
+            report = compare_run(n, args.compare, pub, vm, {"store-tsdb": daemon.pid,
+                                                           "bare": bare.pid})
         else:
             report = throughput_run(n, pub, vm, base)
         if spy is not None:
@@ -209,10 +233,18 @@ def main() -> int:
         })
         time.sleep(2.5)  # a heartbeat or two, for the final counters
         report["daemon_counters"] = pub.meta.get("counters")
+        if args.compare:
+            report["bare_peak_rss_mb"] = round(status_kb(bare.pid, "VmHWM") / 1024, 1)
         print(json.dumps(report, indent=2))
+        if args.save and args.compare:
+            RESULT.write_text(json.dumps(report, indent=2) + "\n")
+            print(f"saved {RESULT.relative_to(REPO)}", file=sys.stderr)
     finally:
         if pub is not None:
             pub.close()
+        if bare is not None:
+            bare.send_signal(signal.SIGINT)
+            bare.wait(10)
         stop_daemon(daemon, log)
         vm.stop()
         broker.terminate()
@@ -238,6 +270,77 @@ def throughput_run(n: int, pub: Publisher, vm: VictoriaMetrics, base: float) -> 
         "mode": "throughput", "measurements": n, "stored": stored,
         "publish_s": round(t_published, 2), "elapsed_s": round(elapsed, 2),
         "measurements_per_s": round(n / elapsed),
+    }
+
+
+def start_bare(port: int, url: str, batch_size: int, work: Path) -> subprocess.Popen[bytes]:
+    """bare_consumer.py on root "bare", host tag "bare", once it is subscribed."""
+    log = open(work / "bare.log", "wb")  # noqa: SIM115 (open for the consumer's life)
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("bare_consumer.py")),
+                             "--port", str(port), "--root", "bare", "--url", url,
+                             "--host", "bare", "--batch-size", str(batch_size)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while b"ready" not in (work / "bare.log").read_bytes():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"bare consumer: {(work / 'bare.log').read_text()[-2000:]}")
+        time.sleep(0.05)
+    return proc
+
+
+def vm_sum(vm: VictoriaMetrics, selector: str) -> int:
+    """How many samples of the series ``selector`` holds from the last two days (a query; the
+    benchmark's timestamps lie two hours back)."""
+    urllib.request.urlopen(f"{vm.url}/internal/force_flush", timeout=10).close()
+    query = urllib.parse.urlencode({"query": f"sum(count_over_time({selector}[2d]))"})
+    with urllib.request.urlopen(f"{vm.url}/api/v1/query?{query}", timeout=60) as resp:
+        result = json.loads(resp.read())["data"]["result"]
+    return int(float(result[0]["value"][1])) if result else 0
+
+
+def compare_run(n: int, rounds: int, pub: Publisher, vm: VictoriaMetrics,
+                pids: dict[str, int]) -> dict[str, Any]:
+    """Each round gives each consumer ``n`` measurements of its own (its topic root, and
+    quantities named after the round: new series every round for both), the order alternating;
+    measures its process's CPU and the time from the first publish until all are queryable."""
+    roots = {"store-tsdb": pub.root, "bare": "bare"}
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in pids}
+    base = time.time() - 7200
+    for r in range(rounds):
+        order = list(pids) if r % 2 == 0 else list(reversed(pids))
+        for name in order:
+            topics = [f"{roots[name]}/data/loc{k // 10}/r{r}q{k % 10}".encode()
+                      for k in range(SERIES)]
+            packets = [pub.packet(i, base, topics) for i in range(n)]
+            selector = f'{{__name__=~"r{r}q[0-9]_value",host="{name}"}}'
+            acked0 = pub.acked
+            cpu0 = cpu_seconds(pids[name])
+            t0 = time.monotonic()
+            for k in range(0, n, 500):
+                pub.send(b"".join(packets[k:k + 500]))
+            pub.wait(lambda: pub.acked >= acked0 + n, 120, "every PUBACK")  # noqa: B023
+            pub.wait(lambda: vm_sum(vm, selector) >= n, 600,  # noqa: B023
+                     f"{n} points of {name} in the DB")
+            elapsed = time.monotonic() - t0
+            cpu = cpu_seconds(pids[name]) - cpu0
+            runs[name].append({"cpu_us_per_msg": round(cpu / n * 1e6, 1),
+                               "measurements_per_s": round(n / elapsed)})
+            print(f"round {r + 1}/{rounds} {name}: {runs[name][-1]}", file=sys.stderr)
+            time.sleep(1)  # let the DB settle between runs
+    medians = {name: {key: round(statistics.median(run[key] for run in rs), 1)
+                      for key in ("cpu_us_per_msg", "measurements_per_s")}
+               for name, rs in runs.items()}
+    ratio = [a["cpu_us_per_msg"] / b["cpu_us_per_msg"]
+             for a, b in zip(runs["store-tsdb"], runs["bare"], strict=True)]
+    return {
+        "mode": "compare", "measurements_per_round": n, "rounds": rounds,
+        "series_per_round": SERIES, "median": medians,
+        "cpu_ratio_of_medians": round(medians["store-tsdb"]["cpu_us_per_msg"]
+                                      / medians["bare"]["cpu_us_per_msg"], 3),
+        "cpu_ratio_median_of_rounds": round(statistics.median(ratio), 3),
+        "rounds_detail": runs,
+        "cpus": os.cpu_count(), "machine": os.uname().machine,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
