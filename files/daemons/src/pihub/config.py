@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import socket
 import types
 import typing
 from collections.abc import Callable
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
+
+from .topics import host_segment
 
 EX_CONFIG = 78  # sysexits.h: configuration error
 
@@ -141,6 +144,21 @@ class BaseConfig:
     log_level: Literal["debug", "info", "warning", "error"] = setting(
         "info", "One of debug, info, warning, error."
     )
+
+
+@dataclass(kw_only=True)
+class HostsConfig(BaseConfig):
+    """The keys of a daemon that shows hosts (monitor, web, homeassistant; contract §2, "Fleet")."""
+
+    host_name: str | None = setting(
+        None, "This hub's own host as the pages and records name it (its daemons publish "
+        "<topic_root>/<daemon>/...; a satellite's are mirrored as <topic_root>/host/<host>/...); "
+        "null: the machine's hostname, lower-cased, anything outside [a-z0-9_-] turned into -.",
+        pattern=r"^[a-z0-9_-]{1,64}$",
+    )
+
+    def own_host(self) -> str:
+        return self.host_name or host_segment(socket.gethostname())
 
 
 C = TypeVar("C", bound=BaseConfig)

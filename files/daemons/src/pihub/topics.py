@@ -60,6 +60,38 @@ def clip_text(text: str, limit: int = MAX_TEXT) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+#: the reserved first segment of a satellite's mirror on the central hub (contract §2, "Fleet"):
+#: ``<root>/host/<host>/<daemon>/status|meta``; no daemon may be called so
+HOST = "host"
+#: a daemon's name: a segment other than :data:`HOST` (config keys that name a daemon use it)
+DAEMON_NAME = re.compile(rf"^(?!{HOST}$)[a-z0-9_-]{{1,{MAX_SEGMENT}}}$")
+#: first segments under the root that are no daemon's (``<root>/notify/status`` is a notify topic)
+RESERVED = frozenset({"data", "display", "notify", "cmd", "sim", HOST})
+_NOT_SEGMENT_CHAR = re.compile(r"[^a-z0-9_-]")
+
+
+def host_segment(name: str) -> str:
+    """A host name as a topic segment: lower-cased, anything outside ``[a-z0-9_-]`` turned into
+    ``-``, cut to :data:`MAX_SEGMENT` (``Shed.Pi`` -> ``shed-pi``); ``host`` if nothing is left."""
+    text = _NOT_SEGMENT_CHAR.sub("-", name.lower())[:MAX_SEGMENT]
+    return text or "host"
+
+
+def identity(daemon: str, host: str | None = None) -> str:
+    """The single-string identity of a daemon: ``<daemon>`` on the own host (``host`` None),
+    ``<daemon>@<host>`` on a satellite (contract §2, "Fleet")."""
+    return daemon if host is None else f"{daemon}@{host}"
+
+
+def split_identity(text: str) -> tuple[str, str | None]:
+    """``sensor-gpio@shed`` -> ``("sensor-gpio", "shed")``; ``monitor`` -> ``("monitor", None)``.
+    ValueError unless both parts are segments."""
+    daemon, at, host = text.partition("@")
+    if not SEGMENT.match(daemon) or (at and not SEGMENT.match(host)):
+        raise ValueError(f"a daemon's identity is <daemon> or <daemon>@<host>, got {shown(text)}")
+    return daemon, (host if at else None)
+
+
 def check_segment(value: str, what: str) -> str:
     if not SEGMENT.match(value):
         raise ValueError(f"{what} must be lower-case [a-z0-9_-]+ of at most {MAX_SEGMENT} "
@@ -96,6 +128,67 @@ class Topics:
     def cmd(self, daemon: str, target: str) -> str:
         check_segment(target, "command target")
         return f"{self.root}/cmd/{daemon}/{target}"
+
+    # -- a satellite's mirror on the central hub (contract §2, "Fleet")
+
+    def host_status(self, host: str, daemon: str) -> str:
+        """``<root>/host/<host>/<daemon>/status``: a satellite's daemon's status, as its bridge
+        mirrors it onto the central."""
+        return f"{self.root}/{HOST}/{host}/{daemon}/status"
+
+    def host_meta(self, host: str, daemon: str) -> str:
+        return f"{self.root}/{HOST}/{host}/{daemon}/meta"
+
+    def host_cmd(self, host: str, daemon: str, target: str) -> str:
+        """``<root>/host/<host>/cmd/<daemon>/<target>``: a command for a satellite's daemon (its
+        bridge delivers it there as ``<root>/cmd/<daemon>/<target>``)."""
+        check_segment(host, "host")
+        check_segment(target, "command target")
+        return f"{self.root}/{HOST}/{host}/cmd/{daemon}/{target}"
+
+    def bridge_state(self, host: str) -> str:
+        """``<root>/host/<host>/bridge/state``: ``1``/``0``, retained, published by the
+        satellite's bridge (``0`` is its Last Will on the central)."""
+        return f"{self.root}/{HOST}/{host}/bridge/state"
+
+    def cmd_for(self, host: str | None, daemon: str, target: str) -> str:
+        """The command topic for ``daemon`` on the own host (``host`` None) or a satellite."""
+        return self.cmd(daemon, target) if host is None else self.host_cmd(host, daemon, target)
+
+    def daemon_topic(self, topic: str) -> tuple[str | None, str, str] | None:
+        """``(host, daemon, kind)`` of a status or meta topic: ``<root>/<daemon>/<kind>`` (host
+        None: the own host) or ``<root>/host/<host>/<daemon>/<kind>`` (a satellite's), kind
+        ``status`` or ``meta``; None for any other topic. Reject when a segment is not one, or
+        the daemon is called ``host``."""
+        prefix = self.root + "/"
+        if not topic.startswith(prefix):
+            return None
+        parts = topic[len(prefix):].split("/")
+        if parts[-1] not in ("status", "meta"):
+            return None
+        if len(parts) == 2:
+            host, daemon = None, parts[0]
+        elif len(parts) == 4 and parts[0] == HOST:
+            host, daemon = parts[1], parts[2]
+            if not SEGMENT.match(host):
+                raise Reject(f"topic {shown(topic)}: host must be lower-case [a-z0-9_-]+ of at "
+                             f"most {MAX_SEGMENT} characters")
+        else:
+            return None
+        if daemon in RESERVED:
+            return None
+        if not DAEMON_NAME.match(daemon):
+            raise Reject(f"topic {shown(topic)}: daemon name must be lower-case [a-z0-9_-]+ of "
+                         f"at most {MAX_SEGMENT} characters, not {HOST!r}")
+        return host, daemon, parts[-1]
+
+    def bridge_host(self, topic: str) -> str | None:
+        """The ``<host>`` of ``<root>/host/<host>/bridge/state``, else None."""
+        prefix = f"{self.root}/{HOST}/"
+        if not topic.startswith(prefix) or not topic.endswith("/bridge/state"):
+            return None
+        host = topic[len(prefix):-len("/bridge/state")]
+        return host if SEGMENT.match(host) else None
 
     def sub(self, *parts: str) -> str:
         """Any topic under the root, e.g. ``sub("data", "#")``."""

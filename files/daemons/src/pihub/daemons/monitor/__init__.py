@@ -3,15 +3,20 @@
 Reads (retained values included, so a fresh monitor sees the whole constellation at once):
 
 * ``<root>/+/status`` (``online`` / ``offline``) and ``<root>/+/meta`` (metadata events) of
-  every daemon but itself;
+  every daemon but itself, and the same of the satellites' daemons as their bridges mirror them
+  (``<root>/host/+/+/status``, ``<root>/host/+/+/meta``; contract §2, "Fleet"), with each
+  satellite's bridge state ``<root>/host/+/bridge/state``;
 * ``<root>/data/#`` when threshold rules are configured;
-* its own retained records under ``<root>/monitor/daemons/+`` and ``<root>/monitor/rules/+``,
-  once at start, so that a restarted monitor does not repeat what it already said.
+* its own retained records under ``<root>/monitor/daemons/+``, ``<root>/monitor/host/+/+``,
+  ``<root>/monitor/hosts/+`` and ``<root>/monitor/rules/+``, once at start,
+  so that a restarted monitor does not repeat what it already said.
 
 Writes a notification request on ``<root>/notify/<notify_topic>`` (not retained) on every
-state change of a daemon and every rule that fires or clears, and its retained records
-``<root>/monitor/daemons/<daemon>``, ``<root>/monitor/rules/<rule>`` and
-``<root>/monitor/summary`` (docs/monitor.md has the payloads).
+state change of a daemon or of a satellite's link and every rule that fires or clears, and its
+retained records ``<root>/monitor/daemons/<daemon>`` (a satellite's daemon:
+``<root>/monitor/host/<host>/<daemon>``), ``<root>/monitor/hosts/<host>`` (a satellite's link),
+``<root>/monitor/rules/<rule>`` and ``<root>/monitor/summary`` (docs/monitor.md has the
+payloads).
 
 This module is the config and the MQTT glue: handlers (paho's thread) record facts under a
 lock, ``check`` (the main thread, every ``check_interval``) asks for judgements and publishes
@@ -32,17 +37,31 @@ from dataclasses import dataclass
 from typing import Any
 
 from pihub.bus import Message
-from pihub.config import BaseConfig, ConfigError, setting
+from pihub.config import ConfigError, HostsConfig, setting
 from pihub.daemon import Daemon
-from pihub.topics import MAX_SEGMENT, SEGMENT, Reject, parse_measurement, shown
+from pihub.topics import (
+    HOST,
+    SEGMENT,
+    Reject,
+    identity,
+    parse_measurement,
+    shown,
+    split_identity,
+)
 
 from . import persistence
-from .liveness import CHANGE, MAX_META_BYTES, SUMMARY, Event, Liveness, parse_meta, parse_status
+from .liveness import (
+    CHANGE,
+    HOST_EVENT,
+    MAX_META_BYTES,
+    SUMMARY,
+    Event,
+    Liveness,
+    parse_meta,
+    parse_status,
+)
 from .rules import FIRING, Alarm, Rules
-from .wording import TEMPLATE_ERRORS, daemon_request, rule_fields, rule_request
-
-#: first-level topics that are not daemons (``<root>/notify/status`` is a notify topic)
-RESERVED = frozenset({"data", "display", "notify", "cmd"})
+from .wording import TEMPLATE_ERRORS, daemon_request, host_request, rule_fields, rule_request
 
 DEFAULT_FIRE = "{name}: {location}/{quantity} is {value:g} {unit} ({condition})"
 DEFAULT_CLEAR = "{name}: {location}/{quantity} is back to {value:g} {unit}"
@@ -118,7 +137,7 @@ EXAMPLE_RULES = [
 
 
 @dataclass(kw_only=True)
-class Config(BaseConfig):
+class Config(HostsConfig):
     notify_topic: str = setting(
         "monitor", "Daemon notifications go to <topic_root>/notify/<notify_topic>.",
         pattern=SEGMENT.pattern,
@@ -196,8 +215,13 @@ class Monitor(Daemon[Config]):
         self._data_subscribed = False
         self.subscribe(self.topics.sub("monitor", "daemons", "+"), self.on_own_daemon_record)
         self.subscribe(self.topics.sub("monitor", "rules", "+"), self.on_own_rule_record)
+        self.subscribe(self.topics.sub("monitor", HOST, "+", "+"), self.on_own_daemon_record)
+        self.subscribe(self.topics.sub("monitor", "hosts", "+"), self.on_own_host_record)
         self.subscribe(self.topics.sub("+", "status"), self.on_status)
         self.subscribe(self.topics.sub("+", "meta"), self.on_meta)
+        self.subscribe(self.topics.sub(HOST, "+", "+", "status"), self.on_status)
+        self.subscribe(self.topics.sub(HOST, "+", "+", "meta"), self.on_meta)
+        self.subscribe(self.topics.sub(HOST, "+", "bridge", "state"), self.on_bridge)
         self._subscribe_data_if_needed()
         self.every(self.config.check_interval, self.check)
         self.every(self.config.summary_interval, self.publish_records,
@@ -232,14 +256,45 @@ class Monitor(Daemon[Config]):
     # ------------------------------------------------------------------ MQTT handlers (paho)
 
     def _daemon_of(self, topic: str, kind: str) -> str | None:
-        prefix = self.topics.root + "/"
-        name = topic[len(prefix):-len(kind) - 1] if topic.startswith(prefix) else ""
-        if name == self.name or name in RESERVED:
-            return None  # the monitor cannot report on itself; notify/status is no daemon
-        if not SEGMENT.match(name):
-            raise Reject(f"topic {shown(topic)}: daemon name must be lower-case [a-z0-9_-]+ of "
-                         f"at most {MAX_SEGMENT} characters")
-        return name
+        """The identity of the daemon a status or meta topic is about (``<daemon>``, or
+        ``<daemon>@<host>`` for a satellite's mirror); None for none to watch."""
+        found = self.topics.daemon_topic(topic)
+        if found is None or found[2] != kind:
+            return None  # notify/status is no daemon
+        host, daemon, _ = found
+        if host is None and daemon == self.name:
+            return None  # the monitor cannot report on itself
+        return identity(daemon, host)
+
+    def record_topic(self, name: str) -> str:
+        """``<root>/monitor/daemons/<daemon>``, or ``<root>/monitor/host/<host>/<daemon>`` for a
+        satellite's daemon."""
+        daemon, host = split_identity(name)
+        if host is None:
+            return self.topics.sub("monitor", "daemons", daemon)
+        return self.topics.sub("monitor", HOST, host, daemon)
+
+    def on_bridge(self, msg: Message) -> None:
+        host = self.topics.bridge_host(msg.topic)
+        if host is None:
+            raise Reject(f"topic {shown(msg.topic)}: the host must be lower-case [a-z0-9_-]+")
+        if not msg.payload:
+            return  # a cleared retained state: nothing known
+        text = msg.text()
+        if text not in ("0", "1"):
+            raise Reject(f"bridge state on {msg.topic} must be 0 or 1, got {shown(text)}")
+        with self._lock:
+            self.liveness.saw_bridge(host, text == "1", time.time())
+
+    def on_own_host_record(self, msg: Message) -> None:
+        if self._settled or not msg.payload:
+            return
+        data = msg.json()
+        host = msg.topic.rsplit("/", 1)[1]
+        if isinstance(data, dict) and data.get("state") in ("reachable", "unreachable") and (
+                SEGMENT.match(host)):
+            with self._lock:
+                self.liveness.restore_link(host, data["state"])
 
     def _reject(self, name: str, exc: Reject) -> None:
         with self._lock:
@@ -269,7 +324,7 @@ class Monitor(Daemon[Config]):
             if len(msg.payload) > MAX_META_BYTES:
                 raise Reject(f"meta on {msg.topic}: at most {MAX_META_BYTES} bytes, got "
                              f"{len(msg.payload)}")
-            data = parse_meta(msg.topic, name, msg.json())
+            data = parse_meta(msg.topic, split_identity(name)[0], msg.json())
         except Reject as exc:
             self._reject(name, exc)
             return
@@ -282,7 +337,7 @@ class Monitor(Daemon[Config]):
             gone = self.liveness.forget(name)
         if gone:
             self.log.info("forgetting %s: its retained meta was cleared", name)
-            self.bus.publish(self.topics.sub("monitor", "daemons", name), b"", retain=True)
+            self.bus.publish(self.record_topic(name), b"", retain=True)
             self._publish_summary()
 
     def on_own_daemon_record(self, msg: Message) -> None:
@@ -290,8 +345,12 @@ class Monitor(Daemon[Config]):
         if self._settled or not msg.payload:
             return
         baseline = persistence.daemon_baseline(msg.topic, msg.json())
+        parts = msg.topic.split("/")
+        host = parts[-2] if parts[-3] == HOST else None
+        if not SEGMENT.match(parts[-1]) or (host is not None and not SEGMENT.match(host)):
+            raise Reject(f"record on {shown(msg.topic)}: not a daemon's")
         with self._lock:
-            self.liveness.restore(msg.topic.rsplit("/", 1)[1], baseline)
+            self.liveness.restore(identity(parts[-1], host), baseline)
 
     def on_own_rule_record(self, msg: Message) -> None:
         if self._settled or not msg.payload:
@@ -330,13 +389,22 @@ class Monitor(Daemon[Config]):
         self._send_alarms(due, now)
         for name in found.changed:
             self._publish_daemon_record(name)
-        if self._publish_rule_records(now) or found.changed:
+        for host in found.hosts:
+            self._publish_host_record(host)
+        if self._publish_rule_records(now) or found.changed or found.hosts:
             self._publish_summary()
 
     # ------------------------------------------------------------------ publishing
 
     def _send_events(self, events: list[Event], now: float) -> None:
         for event in events:
+            if event.kind == HOST_EVENT:
+                self.log.warning("host %s: %s -> %s (%s)", event.host, event.previous,
+                                 event.state, event.reason)
+                self.publish_json(self.topics.notify(self.config.notify_topic),
+                                  host_request(event, self.config, now), retain=False)
+                self.count("notifications")
+                continue
             if event.kind == CHANGE:
                 self.count("transitions")
                 self.log.info("%s on %s: %s -> %s (%s)", event.daemon, event.host,
@@ -346,7 +414,8 @@ class Monitor(Daemon[Config]):
                                  event.daemon, event.flapping, self.config.flap_window_s,
                                  event.state)
             if not event.notify:
-                self.count("held")
+                if not event.muted:
+                    self.count("held")
                 continue
             self.publish_json(self.topics.notify(self.config.notify_topic),
                               daemon_request(event, self.config, now), retain=False)
@@ -376,12 +445,21 @@ class Monitor(Daemon[Config]):
             record = (persistence.daemon_record(w, self.config.stale_factor, time.time())
                       if w is not None and w.seen else None)
         if record is not None:
-            self.publish_json(self.topics.sub("monitor", "daemons", name), record)
+            self.publish_json(self.record_topic(name), record)
+
+    def _publish_host_record(self, host: str) -> None:
+        with self._lock:
+            link = self.liveness.links.get(host)
+            record = (persistence.host_record(link, time.time())
+                      if link is not None and link.state is not None else None)
+        if record is not None:
+            self.publish_json(self.topics.sub("monitor", "hosts", host), record)
 
     def summary(self) -> dict[str, Any]:
         with self._lock:
             return persistence.summary(self.liveness.daemons.values(), self.rules.firing(),
-                                       time.time())
+                                       time.time(), self.liveness.links.values(),
+                                       self.config.own_host())
 
     def _publish_summary(self) -> None:
         if self._settled:
@@ -405,8 +483,11 @@ class Monitor(Daemon[Config]):
             return
         with self._lock:
             names = [w.name for w in self.liveness.daemons.values() if w.seen]
+            hosts = list(self.liveness.links)
         for name in names:
             self._publish_daemon_record(name)
+        for host in hosts:
+            self._publish_host_record(host)
         self._publish_rule_records(time.time(), every_rule=True)
         self._publish_summary()
 

@@ -12,6 +12,13 @@ The states (docs/monitor.md, "A daemon's state"):
   heartbeat is older than ``stale_factor`` x the daemon's own ``interval_s``;
 * ``up``      - otherwise, once a ``starting`` or ``heartbeat`` event was seen;
 * ``unknown`` - only a status, no metadata event yet.
+
+A daemon is known by its identity (:func:`pihub.topics.identity`): ``<daemon>`` on the own host,
+``<daemon>@<host>`` on a satellite. A satellite's bridge is a :class:`Link`: while it is down
+(``<root>/host/<host>/bridge/state`` is ``0``) the host is *unreachable*, which is one event of
+its own; its daemons are then down ("host unreachable") without an event each, and once the link
+is back each gets a full deadline: one that is up again says nothing, one that is still down is
+notified then.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
-from pihub.topics import Reject, shown
+from pihub.topics import Reject, shown, split_identity
 
 UP, DOWN, STOPPED, UNKNOWN = "up", "down", "stopped", "unknown"
 STATES = (UP, DOWN, STOPPED, UNKNOWN)
@@ -34,8 +41,12 @@ MAX_DAEMONS = 256
 #: bytes of a metadata event (a daemon's is about 500; the last one of each daemon is kept)
 MAX_META_BYTES = 16384
 
-#: kinds of :class:`Event`
-FIRST, CHANGE, SUMMARY = "first", "change", "summary"
+#: kinds of :class:`Event` (``host``: a satellite's link went down or came back)
+FIRST, CHANGE, SUMMARY, HOST_EVENT = "first", "change", "summary", "host"
+#: states of a satellite's :class:`Link`
+REACHABLE, UNREACHABLE = "reachable", "unreachable"
+#: satellites' links watched (a bridge state of one more is rejected)
+MAX_HOSTS = 256
 
 
 def is_number(value: Any) -> TypeGuard[int | float]:
@@ -89,6 +100,11 @@ class Watched:
 
     name: str
     host: str = ""
+    #: the daemon's name and its satellite (None: the own host); ``name`` is their identity
+    daemon: str = ""
+    site: str | None = None
+    #: down only because its host is unreachable: no event was sent for it
+    quiet: bool = False
     status: str | None = None
     offline: bool = False
     offline_at: float | None = None
@@ -132,6 +148,27 @@ class Event:
     reason: str
     notify: bool = True
     flapping: int = 0
+    #: the satellite the daemon runs on (None: the own host); for a ``host`` event, the host
+    site: str | None = None
+    #: not notified because of its host's link (the host's own event speaks for it)
+    muted: bool = False
+
+
+@dataclass
+class Link:
+    """A satellite's bridge, as its ``bridge/state`` tells: reachable or not, since when."""
+
+    host: str
+    state: str | None = None  # REACHABLE / UNREACHABLE; None until judged
+    heard: str | None = None  # what the last bridge/state said
+    heard_at: float | None = None
+    since: float | None = None
+    back_at: float = 0.0  # when it was last heard reachable again: deadlines run from here
+    restored: str | None = None  # a previous monitor's record
+    transitions: int = 0
+
+    def down(self) -> bool:
+        return self.heard == UNREACHABLE
 
 
 def evaluate(w: Watched, now: float, factor: float, listening_since: float = 0.0,
@@ -174,6 +211,8 @@ class Check:
 
     events: list[Event] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
+    #: satellites whose link changed state
+    hosts: list[str] = field(default_factory=list)
 
 
 class Liveness:
@@ -185,6 +224,7 @@ class Liveness:
         self.flap_window_s = flap_window_s
         self.flap_max = flap_max
         self.daemons: dict[str, Watched] = {}
+        self.links: dict[str, Link] = {}
         self._rejected_unknown: dict[str, int] = {}
         self.listening_since = 0.0
         self.connection = 0
@@ -202,7 +242,8 @@ class Liveness:
             if len(self.daemons) >= MAX_DAEMONS:
                 raise Reject(f"a daemon {shown(name)} beyond the {MAX_DAEMONS} watched already; "
                              "not watched")
-            w = self.daemons[name] = Watched(name)
+            daemon, site = split_identity(name)
+            w = self.daemons[name] = Watched(name, daemon=daemon, site=site)
             w.rejected = self._rejected_unknown.pop(name, 0)
         return w
 
@@ -237,6 +278,27 @@ class Liveness:
                 w.offline = False  # a live sign of life outweighs an older offline status
                 w.offline_at = None
 
+    def link(self, host: str) -> Link:
+        link = self.links.get(host)
+        if link is None:
+            if len(self.links) >= MAX_HOSTS:
+                raise Reject(f"a host {shown(host)} beyond the {MAX_HOSTS} watched already; "
+                             "not watched")
+            link = self.links[host] = Link(host)
+        return link
+
+    def saw_bridge(self, host: str, up: bool, now: float) -> None:
+        """A satellite's ``bridge/state``: ``1`` (``up``) or ``0``."""
+        link = self.link(host)
+        heard = REACHABLE if up else UNREACHABLE
+        if heard != link.heard:
+            link.heard, link.heard_at = heard, now
+            if up:
+                link.back_at = now
+
+    def restore_link(self, host: str, state: str) -> None:
+        self.link(host).restored = state
+
     def reject(self, name: str) -> None:
         """Count a message of ``name`` that broke the contract (its record shows it)."""
         w = self.daemons.get(name)
@@ -258,6 +320,11 @@ class Liveness:
     def check(self, now: float) -> Check:
         """Close flapping windows that ran out, then judge every daemon."""
         found = Check()
+        for link in self.links.values():
+            event = self._judge_link(link)
+            if event is not None:
+                found.events.append(event)
+                found.hosts.append(link.host)
         for w in self.daemons.values():
             event = self._close_window(w, now)
             if event is not None:
@@ -278,11 +345,56 @@ class Liveness:
         return {state: sum(1 for w in self.daemons.values() if w.seen and w.state == state)
                 for state in STATES}
 
+    def _judge_link(self, link: Link) -> Event | None:
+        if link.heard is None or link.heard == link.state:
+            return None
+        previous, link.state, link.since = link.state, link.heard, link.heard_at
+        if previous is None:
+            base, link.restored = link.restored, None
+            if base == link.state or link.state == REACHABLE:
+                return None  # what was said already, or a first view that is fine: no news
+        link.transitions += 1
+        reason = ("its bridge to this hub is down" if link.state == UNREACHABLE
+                  else "its bridge to this hub is up again")
+        return Event(HOST_EVENT, "", link.host, link.state, previous, link.since, reason,
+                     site=link.host)
+
     def _judge(self, w: Watched, now: float) -> Event | None:
-        verdict = evaluate(w, now, self.stale_factor, self.listening_since, self.connection)
+        link = self.links.get(w.site) if w.site is not None else None
+        if link is not None and link.down():
+            # the host is unreachable: its daemons are down with it; the host's event says so
+            if w.seen and w.state == DOWN and not w.quiet:
+                return None  # down (and said so) before its host went away
+            changed = not w.seen or w.state != DOWN
+            previous = w.state if w.seen else UNKNOWN
+            w.seen, w.quiet, w.restored = True, True, None
+            w.state, w.reason = DOWN, f"host {w.site} unreachable (its bridge is down)"
+            if not changed:
+                return None
+            w.since = link.heard_at
+            w.transitions += 1
+            return Event(CHANGE, w.name, w.host, DOWN, previous, w.since, w.reason,
+                         notify=False, site=w.site, muted=True)
+        listening = self.listening_since
+        if link is not None and w.quiet:
+            listening = max(listening, link.back_at)  # a full deadline after the link is back
+        verdict = evaluate(w, now, self.stale_factor, listening, self.connection)
         if verdict is None:
             return None
         state, since, reason = verdict
+        if w.quiet:
+            w.quiet = False
+            if state == UNKNOWN:
+                state, reason = DOWN, "no metadata event since its host is reachable again"
+            previous, w.state, w.since, w.reason = w.state, state, since, reason
+            if state in (DOWN, STOPPED):  # still down once its host is back: that is news
+                w.transitions += 1
+                return self._gate(w, CHANGE, previous, now)
+            if state != previous:
+                w.transitions += 1
+                return Event(CHANGE, w.name, w.host, state, previous, since, reason,
+                             notify=False, site=w.site, muted=True)
+            return None
         if not w.seen:
             w.seen = True
             base, w.restored = w.restored, None
@@ -324,7 +436,8 @@ class Liveness:
             w.window_end, w.window_sent, w.window_held, w.flapping = now + window, 1, 0, False
         if notify:
             w.notifications += 1
-        return Event(kind, w.name, w.host, w.state, previous, w.since, w.reason, notify)
+        return Event(kind, w.name, w.host, w.state, previous, w.since, w.reason, notify,
+                     site=w.site)
 
     def _close_window(self, w: Watched, now: float) -> Event | None:
         """A window that ran out: one summary if changes were held in it (and a new window,
@@ -335,7 +448,7 @@ class Liveness:
             w.window_end, w.window_sent, w.flapping = None, 0, False
             return None
         event = Event(SUMMARY, w.name, w.host, w.state, None, w.since, w.reason,
-                      flapping=w.window_held)
+                      flapping=w.window_held, site=w.site)
         w.notifications += 1
         w.window_end = now + self.flap_window_s
         w.window_sent, w.window_held, w.flapping = 1, 0, True

@@ -14,7 +14,7 @@ from typing import Any
 
 from pihub.topics import Reject, shown
 
-from .liveness import STATES, Baseline, Watched, is_number
+from .liveness import STATES, Baseline, Link, Watched, is_number
 from .rules import ABOVE, BELOW, FIRING, MAX_RULE_SERIES, Restored, Series
 from .wording import ms
 
@@ -25,8 +25,11 @@ COUNTS = ("transitions", "notifications", "held")
 
 
 def daemon_record(w: Watched, stale_factor: float, now: float) -> dict[str, Any]:
-    """``<root>/monitor/daemons/<daemon>``: one daemon's state, last heartbeat and counters."""
+    """``<root>/monitor/daemons/<daemon>``: one daemon's state, last heartbeat and counters
+    (a satellite's daemon: ``<root>/monitor/host/<host>/<daemon>``, ``daemon`` its identity
+    ``<daemon>@<host>`` and ``satellite`` its host)."""
     meta = w.meta
+    extra = {} if w.site is None else {"satellite": w.site}
     return {
         "daemon": w.name, "host": w.host, "state": w.state, "since": ms(w.since),
         "reason": w.reason, "status": w.status, "last_event": w.last_event,
@@ -36,8 +39,14 @@ def daemon_record(w: Watched, stale_factor: float, now: float) -> dict[str, Any]
         "uptime_s": meta.get("uptime_s"), "rss_kb": meta.get("rss_kb"),
         "counters": meta.get("counters", {}), "transitions": w.transitions,
         "notifications": w.notifications, "held": w.held, "rejected": w.rejected,
-        "flapping": w.flapping, "ts": ms(now),
+        "flapping": w.flapping, "ts": ms(now), **extra,
     }
+
+
+def host_record(link: Link, now: float) -> dict[str, Any]:
+    """``<root>/monitor/hosts/<host>``: a satellite's link (its bridge), reachable or not."""
+    return {"host": link.host, "state": link.state, "since": ms(link.since),
+            "transitions": link.transitions, "ts": ms(now)}
 
 
 def rule_record(name: str, series: dict[str, Series], counts: dict[str, int] | None,
@@ -54,11 +63,25 @@ def rule_record(name: str, series: dict[str, Series], counts: dict[str, int] | N
     }
 
 
-def summary(daemons: Iterable[Watched], firing: dict[str, list[str]], now: float
-            ) -> dict[str, Any]:
-    """``<root>/monitor/summary``: every daemon's state (seen ones) in one object."""
-    seen = sorted((w for w in daemons if w.seen), key=lambda w: w.name)
-    return {
+def summary(daemons: Iterable[Watched], firing: dict[str, list[str]], now: float,
+            links: Iterable[Link] = (), own_host: str = "") -> dict[str, Any]:
+    """``<root>/monitor/summary``: every daemon's state (seen ones) in one object, keyed by
+    identity; with satellites, ``hosts`` too: the own host first, then each satellite with its
+    link's state and its daemons' identities."""
+    seen = sorted((w for w in daemons if w.seen), key=lambda w: (w.site is not None, w.name))
+    known = {link.host: link for link in links}
+    sites = sorted({w.site for w in seen if w.site is not None} | set(known))
+    hosts: dict[str, Any] = {}
+    if sites:
+        hosts[own_host] = {"satellite": False, "state": "reachable", "since": None,
+                           "daemons": [w.name for w in seen if w.site is None]}
+        for site in sites:
+            link = known.get(site)
+            hosts.setdefault(site, {}).update({
+                "satellite": True, "state": link.state if link else None,
+                "since": ms(link.since) if link else None,
+                "daemons": [w.name for w in seen if w.site == site]})
+    out = {
         "ts": ms(now),
         "counts": {state: sum(1 for w in seen if w.state == state) for state in STATES},
         "daemons": {w.name: {"state": w.state, "since": ms(w.since), "host": w.host,
@@ -66,6 +89,9 @@ def summary(daemons: Iterable[Watched], firing: dict[str, list[str]], now: float
                     for w in seen},
         "rules_firing": firing,
     }
+    if hosts:
+        out["hosts"] = hosts
+    return out
 
 
 # --------------------------------------------------------------------------- reading back

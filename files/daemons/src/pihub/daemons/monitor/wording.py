@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .liveness import DOWN, STOPPED, Event
+from .liveness import DOWN, STOPPED, UNREACHABLE, Event
 from .rules import ABOVE, FIRING, Alarm
 
 if TYPE_CHECKING:
@@ -43,22 +43,23 @@ def ms(value: float | None) -> float | None:
 
 def daemon_request(event: Event, cfg: Wording, now: float) -> dict[str, Any]:
     """The request for a daemon's state change, or for a flapping window's summary."""
-    host = event.host or "an unknown host"
-    who = f"pihub-{event.daemon} on {host}"
+    host = event.site or event.host or "an unknown host"
+    daemon = event.daemon.partition("@")[0]  # the identity's daemon; the host is named apart
+    who = f"pihub-{daemon} on {host}"
     since = when_text(event.since)
     if event.flapping:
-        title = f"{event.daemon} FLAPPING on {host}, now {event.state.upper()}"
+        title = f"{daemon} FLAPPING on {host}, now {event.state.upper()}"
         message = (f"{who} changed state {event.flapping} more time(s) within "
                    f"{cfg.flap_window_s:g} s; now {event.state} since {since}")
         message += f": {event.reason}." if event.state == DOWN else "."
     elif event.state == DOWN:
-        title = f"{event.daemon} DOWN on {host}"
+        title = f"{daemon} DOWN on {host}"
         message = f"{who} is down since {since}: {event.reason}."
     elif event.state == STOPPED:
-        title = f"{event.daemon} stopped on {host}"
+        title = f"{daemon} stopped on {host}"
         message = f"{who} was stopped cleanly at {since}."
     else:
-        title = f"{event.daemon} UP on {host}"
+        title = f"{daemon} UP on {host}"
         message = f"{who} is up again since {since} (was {event.previous})."
     if event.state == DOWN:
         priority = cfg.priority_down
@@ -66,11 +67,35 @@ def daemon_request(event: Event, cfg: Wording, now: float) -> dict[str, Any]:
         priority = cfg.priority_stopped
     else:
         priority = cfg.priority_up
-    return {
+    request = {
         "title": title, "message": message, "priority": priority, "ts": ms(now),
         "daemon": event.daemon, "host": event.host, "state": event.state,
         "previous": event.previous, "since": ms(event.since), "reason": event.reason,
         "flapping": event.flapping,
+    }
+    if event.site is not None:
+        request["satellite"] = event.site
+    return request
+
+
+def host_request(event: Event, cfg: Wording, now: float) -> dict[str, Any]:
+    """The request for a satellite's link that went down (the host is unreachable: its
+    daemons' own alerts are held) or came back."""
+    since = when_text(event.since)
+    if event.state == UNREACHABLE:
+        title = f"host {event.host} UNREACHABLE"
+        message = (f"The pihub satellite {event.host} is unreachable since {since}: "
+                   f"{event.reason}. Its daemons are not watched until it is back.")
+        priority = cfg.priority_down
+    else:
+        title = f"host {event.host} reachable again"
+        message = (f"The pihub satellite {event.host} is reachable again since {since}; "
+                   "its daemons are judged afresh.")
+        priority = cfg.priority_up
+    return {
+        "title": title, "message": message, "priority": priority, "ts": ms(now),
+        "satellite": event.host, "host": event.host, "state": event.state,
+        "previous": event.previous, "since": ms(event.since), "reason": event.reason,
     }
 
 

@@ -24,7 +24,7 @@ from pihub.bus import read_secret
 from pihub.config import BaseConfig, ConfigError, setting
 from pihub.daemon import Daemon
 from pihub.logs import clip
-from pihub.topics import SEGMENT
+from pihub.topics import DAEMON_NAME
 
 from .auth import VIEWER, Auth, Session, hash_password, parse_hash
 from .rrd import RrdGraphs
@@ -100,7 +100,7 @@ class Config(BaseConfig):
                              help="History without a timeseries DB: store-rrd's files.")
     outputs_daemon: str = setting(
         "sensor-gpio", "Daemon whose outputs (measurements with kind: output) the Outputs page "
-        "switches, on <topic_root>/cmd/<outputs_daemon>/<output>.", pattern=SEGMENT.pattern)
+        "switches, on <topic_root>/cmd/<outputs_daemon>/<output>.", pattern=DAEMON_NAME.pattern)
     stale_factor: float = setting(
         3.0, "A value older than stale_factor x its usual interval is shown as stale.", min=1,
         max=100)
