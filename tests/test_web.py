@@ -234,7 +234,12 @@ def test_the_json_api_has_every_kind_of_state(start_daemon, observe, topic_root)
         return state if ok else None
 
     state = wait_until(complete, 10, "every kind in /api/state")
-    assert set(state) == {"ts", "values", "daemons", "boards", "rules", "notifications"}
+    assert set(state) == {"ts", "values", "daemons", "hosts", "boards", "rules",
+                          "notifications"}
+    # a single hub: one host, its own, holding every daemon (contract §2, "Fleet")
+    assert [h["host"] for h in state["hosts"]] == [state["daemons"]["web"]["host"]]
+    assert state["hosts"][0]["satellite"] is False
+    assert state["hosts"][0]["daemons"] == sorted(state["daemons"])
     assert state["values"]["kitchen/temperature"] == {
         "location": "kitchen", "quantity": "temperature", "value": 21.5, "unit": "°C",
         "ts": ts, "interval_s": None}

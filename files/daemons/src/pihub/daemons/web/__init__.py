@@ -6,7 +6,9 @@
   (:mod:`.state`), which streams the change to the open pages;
 * serve: the pages and the JSON API (:mod:`.server`, :mod:`.pages`), login and sessions
   (:mod:`.auth`);
-* publish: only ``<root>/cmd/<outputs_daemon>/<target>`` when an admin switches an output.
+* publish: only ``<root>/cmd/<outputs_daemon>/<target>`` when an admin switches an output
+  (a satellite's: ``<root>/host/<host>/cmd/<outputs_daemon>/<target>``, which its bridge
+  delivers; contract §2, "Fleet").
 
 ``pihub-web --hash-password`` reads a password on stdin and prints the hash for ``users``.
 """
@@ -21,10 +23,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from pihub.bus import read_secret
-from pihub.config import BaseConfig, ConfigError, setting
+from pihub.config import ConfigError, HostsConfig, setting
 from pihub.daemon import Daemon
 from pihub.logs import clip
-from pihub.topics import DAEMON_NAME
+from pihub.topics import DAEMON_NAME, split_identity
 
 from .auth import VIEWER, Auth, Session, hash_password, parse_hash
 from .rrd import RrdGraphs
@@ -68,7 +70,7 @@ class RrdConfig:
 
 
 @dataclass(kw_only=True)
-class Config(BaseConfig):
+class Config(HostsConfig):
     listen_address: str = setting(
         "0.0.0.0", "Address to serve the page on: 0.0.0.0 every IPv4 interface, :: every "
         "interface, 127.0.0.1 this host only.")
@@ -160,7 +162,7 @@ class Web(Daemon[Config]):
         self.state = State(self.topics, Limits(
             series=cfg.max_series, daemons=cfg.max_daemons, board_items=cfg.max_board_items,
             rules=cfg.max_rules, notifications=cfg.notification_history),
-            on_refused=self._refused)
+            on_refused=self._refused, own_host=cfg.own_host(), outputs_daemon=cfg.outputs_daemon)
         kiosk = read_secret(cfg.kiosk_token_file, "kiosk_token_file") if (
             cfg.kiosk_token_file) else None
         if kiosk is not None and len(kiosk) < 16:
@@ -214,8 +216,9 @@ class Web(Daemon[Config]):
 
     @classmethod
     def published_topics(cls, config: Config) -> list[str]:  # type: ignore[override]
-        """Outside its own subtree, pihub-web writes only the commands of the outputs."""
-        return [f"cmd/{config.outputs_daemon}/+"]
+        """Outside its own subtree, pihub-web writes only the commands of the outputs: this
+        hub's, and the satellites' (through their bridges)."""
+        return [f"cmd/{config.outputs_daemon}/+", f"host/+/cmd/{config.outputs_daemon}/+"]
 
     def _refused(self, kind: str, topic: str, limit: int) -> None:
         self.refuse_new_series(topic, limit)
@@ -227,12 +230,14 @@ class Web(Daemon[Config]):
                          wanted if type(wanted) is int else None)  # type: ignore[arg-type]
         if word is None:
             return 400, f"state must be on, off, toggle, 0 or 1, got {str(wanted)[:40]!r}"
-        known = sorted(v["quantity"] for v in self.state.snapshot()["values"].values()
+        known = sorted(v.get("target") or v["quantity"]
+                       for v in self.state.snapshot()["values"].values()
                        if v.get("kind") == "output")
         if target not in known:
             return 404, (f"no output {target[:64]!r}; outputs: {', '.join(known) or 'none'}")
-        self.bus.publish(self.topics.cmd(self.config.outputs_daemon, target), word, qos=1,
-                         retain=False)
+        output, site = split_identity(target)
+        self.bus.publish(self.topics.cmd_for(site, self.config.outputs_daemon, output), word,
+                         qos=1, retain=False)
         self.count("commands")
         self.log.info("%s switched %s: %s", user, target, word)
         return None

@@ -184,7 +184,7 @@ def daemon_row(item: dict[str, Any], now: float) -> str:
                        if k not in COUNTERS and v)
     cells = "".join(f'<td class="num">{esc(counters.get(c, NONE))}</td>' for c in COUNTERS)
     return (f'<tr id="d:{esc(item["daemon"])}" class="{css}">'
-            f'<th>{esc(item["daemon"])}</th>'
+            f'<th>{esc(item.get("name") or item["daemon"])}</th>'
             f'<td><span class="badge {css}">{esc(label)}</span></td>'
             f'<td>{esc(verdict.get("state") or NONE)}'
             f'{" · " + esc(verdict.get("reason")) if verdict.get("reason") else ""}</td>'
@@ -196,8 +196,29 @@ def daemon_row(item: dict[str, Any], now: float) -> str:
             f'<td class="more">{esc(others)}</td></tr>')
 
 
-def daemons(items: dict[str, dict[str, Any]], now: float) -> str:
-    rows = "".join(daemon_row(items[k], now) for k in sorted(items))
+def host_row(host: dict[str, Any]) -> str:
+    """The heading of one host's daemons (only when there are satellites)."""
+    if not host["satellite"]:
+        what = "this hub"
+        css = ""
+    else:
+        link = (host.get("monitor") or {}).get("state") or {
+            "1": "reachable", "0": "unreachable"}.get(host.get("bridge") or "", "link unknown")
+        what = f"satellite · {link}"
+        css = " down" if link == "unreachable" else ""
+    return (f'<tr id="h:{esc(host["host"])}" class="hostrow{css}"><th colspan="13">'
+            f'{esc(host["host"] or NONE)} <small>{esc(what)}</small></th></tr>')
+
+
+def daemons(items: dict[str, dict[str, Any]], now: float,
+            hosts: list[dict[str, Any]] | None = None) -> str:
+    """The daemons' table; with satellites, grouped by host (this hub's first), each group
+    under a heading row."""
+    if hosts is None or len(hosts) < 2:
+        rows = "".join(daemon_row(items[k], now) for k in sorted(items))
+    else:
+        rows = "".join(host_row(h) + "".join(daemon_row(items[k], now) for k in h["daemons"]
+                                             if k in items) for h in hosts)
     head = "".join(f"<th>{h}</th>" for h in (
         "daemon", "state", "monitor", "host", "version", "uptime", "heartbeat", "RSS",
         "published", "received", "rejected", "errors", "other counters"))
@@ -328,7 +349,7 @@ def alerts(rules: dict[str, dict[str, Any]], notes: list[dict[str, Any]]) -> str
 
 def output_row(item: dict[str, Any], view: View) -> str:
     on = bool(item["value"])
-    name = item["quantity"]
+    name = item.get("target") or item["quantity"]  # <output>@<host>: a satellite's
     switch = (
         f'<form method="post" action="/outputs/{esc(name)}" class="switch">'
         f'<input type="hidden" name="csrf" value="{esc(view.csrf)}">'
@@ -336,14 +357,15 @@ def output_row(item: dict[str, Any], view: View) -> str:
         f'Switch {"off" if on else "on"}</button></form>'
     ) if view.role == ADMIN else '<span class="muted">view only</span>'
     return (f'<tr id="o:{esc(name)}" class="{"on" if on else "off"}">'
-            f'<th>{esc(name)}</th><td>{esc(item["location"])}</td>'
+            f'<th>{esc(name)}</th><td>{esc(item["location"])}'
+            f'{" · " + esc(item["host"]) if item.get("host") else ""}</td>'
             f'<td><span class="badge {"on" if on else "off"}">{"on" if on else "off"}</span></td>'
             f'<td>{esc(fmt_time(item["ts"]))}</td><td>{switch}</td></tr>')
 
 
 def outputs(values: dict[str, dict[str, Any]], view: View) -> str:
     items = sorted((v for v in values.values() if v.get("kind") == "output"),
-                   key=lambda v: v["quantity"])
+                   key=lambda v: (v.get("host") or "", v["quantity"]))
     rows = "".join(output_row(i, view) for i in items)
     return ('<h1>Outputs</h1><table class="grid" id="outputs"><thead><tr><th>output</th>'
             '<th>location</th><th>state</th><th>since</th><th></th></tr></thead>'

@@ -273,7 +273,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if page == "overview":
             body = pages.overview(snap["values"], now, cfg.stale_factor)
         elif page == "daemons":
-            body = pages.daemons(snap["daemons"], now)
+            body = pages.daemons(snap["daemons"], now, snap["hosts"])
         elif page == "boards":
             body = pages.boards(snap["boards"], now)
         elif page == "alerts":
@@ -517,7 +517,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.redirect("/login", {"Set-Cookie": f"{COOKIE}=; Path=/; HttpOnly; "
                                                    "SameSite=Strict; Max-Age=0"})
             return
-        target = path.rsplit("/", 1)[-1]
+        target = urllib.parse.unquote(path.rsplit("/", 1)[-1])  # <output>@<host>: %40
         if path.startswith(("/api/outputs/", "/outputs/")) and path.count("/") == (
                 3 if is_api else 2):
             if session.role != ADMIN:

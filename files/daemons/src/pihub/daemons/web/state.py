@@ -10,6 +10,10 @@ kind           key                         from
 values         ``<location>/<quantity>``   ``<root>/data/<location>/<quantity>`` (checked)
 daemons        ``<daemon>``                ``<root>/<daemon>/status``, ``/meta`` and the
                                            monitor's ``<root>/monitor/daemons/<daemon>``
+daemons        ``<daemon>@<host>``         a satellite's: ``<root>/host/<host>/<daemon>/...``
+                                           and ``<root>/monitor/host/<host>/<daemon>``
+hosts          ``<host>``                  a satellite's ``<root>/host/<host>/bridge/state``
+                                           and the monitor's ``<root>/monitor/hosts/<host>``
 boards         ``<board>/<item>``          ``<root>/display/<board>/<item>`` (a JSON object)
 rules          ``<rule>``                  ``<root>/monitor/rules/<rule>``
 notifications  a sequence number           ``<root>/notify/<topic>`` (the last N, not keyed)
@@ -32,18 +36,23 @@ from typing import Any
 
 from pihub.bus import Message
 from pihub.topics import (
+    DAEMON_NAME,
+    HOST,
     SEGMENT,
     Reject,
     Topics,
     clip_text,
     decode_json,
     decode_measurement,
+    identity,
     measurement_fields,
     shown,
 )
 
 #: first-level topics that are not daemons
-RESERVED = frozenset({"data", "display", "notify", "cmd", "sim", "monitor"})
+RESERVED = frozenset({"data", "display", "notify", "cmd", "sim", "monitor", HOST})
+#: exact topics of one satellite daemon's ``publishes`` kept (to tell whose an output is)
+MAX_PUBLISHES = 256
 #: characters kept of a notification's title / message (the notifiers' limits)
 MAX_TITLE, MAX_MESSAGE = 250, 1024
 #: a daemon's metadata event, a monitor record, a board item: bytes accepted
@@ -122,8 +131,16 @@ class Client:
 
 class State:
     def __init__(self, topics: Topics, limits: Limits,
-                 on_refused: Callable[[str, str, int], None] | None = None) -> None:
+                 on_refused: Callable[[str, str, int], None] | None = None,
+                 own_host: str = "", outputs_daemon: str = "sensor-gpio") -> None:
         self.topics = topics
+        #: this hub's host (``host_name``) and the daemon whose outputs the page switches
+        self.own_host = own_host
+        self.outputs_daemon = outputs_daemon
+        #: satellites' links: ``bridge`` (its state, ``1``/``0``) and the monitor's record
+        self.hosts: dict[str, dict[str, Any]] = {}
+        #: a satellite's ``outputs_daemon``'s exact data topics -> that satellite
+        self._output_hosts: dict[str, str] = {}
         self.limits = limits
         self._on_refused = on_refused
         self._lock = threading.Lock()
@@ -181,10 +198,32 @@ class State:
             "ts": round(time.time(), 3),
             "values": dict(self.values),
             "daemons": dict(self.daemons),
+            "hosts": self._hosts_locked(),
             "boards": dict(self.boards),
             "rules": dict(self.rules),
             "notifications": list(self.notifications),
         }
+
+    def _hosts_locked(self) -> list[dict[str, Any]]:
+        """The daemons grouped by host: this hub's first, then each satellite by name, with its
+        link (``bridge``: ``1``/``0``/null; ``monitor``: the monitor's record of it or null)."""
+        sites = sorted({d["host"] for d in self.daemons.values() if d["satellite"]}
+                       | set(self.hosts))
+        out = [{"host": self.own_host, "satellite": False, "bridge": None, "monitor": None,
+                "daemons": sorted(k for k, d in self.daemons.items() if not d["satellite"])}]
+        for site in sites:
+            link = self.hosts.get(site, {})
+            out.append({"host": site, "satellite": True, "bridge": link.get("bridge"),
+                        "monitor": link.get("monitor"),
+                        "daemons": sorted(k for k, d in self.daemons.items()
+                                          if d["satellite"] and d["host"] == site)})
+        return out
+
+    def output_host(self, location: str, quantity: str) -> str | None:
+        """The satellite whose ``outputs_daemon`` declares ``data/<location>/<quantity>`` (its
+        meta's ``publishes``); None: this hub's (or nobody's)."""
+        with self._lock:
+            return self._output_hosts.get(self.topics.data(location, quantity))
 
     def count(self, kind: str) -> int:
         with self._lock:
@@ -202,6 +241,9 @@ class State:
         first = parts[0]
         if first in ("cmd", "sim"):
             return
+        if first == HOST:
+            self._on_host(msg, parts)
+            return
         if first == "data":
             self._on_data(msg)
         elif first == "display":
@@ -209,13 +251,42 @@ class State:
         elif first == "notify":
             self._on_notify(msg, parts)
         elif first == "monitor" and len(parts) > 1 and parts[1] in ("daemons", "rules",
-                                                                     "summary"):
+                                                                     "summary", HOST, "hosts"):
             self._on_monitor(msg, parts)
-        elif len(parts) == 2 and parts[1] in ("status", "meta") and SEGMENT.match(first):
+        elif len(parts) == 2 and parts[1] in ("status", "meta") and DAEMON_NAME.match(first):
             self._on_daemon(msg, first, parts[1])
         else:
             raise Reject(f"topic {shown(msg.topic)} is none of data, display, notify, cmd, sim, "
-                         "monitor or <daemon>/status|meta")
+                         "monitor, host or <daemon>/status|meta")
+
+    def _on_host(self, msg: Message, parts: list[str]) -> None:
+        """A satellite's mirror (contract §2, "Fleet"): ``host/<host>/<daemon>/status|meta``,
+        ``host/<host>/bridge/state``; its commands (``host/<host>/cmd/...``) are not shown."""
+        if len(parts) >= 3 and parts[2] == "cmd":
+            return
+        if len(parts) == 4 and SEGMENT.match(parts[1]):
+            site = parts[1]
+            if parts[2:] == ["bridge", "state"]:
+                text = msg.text() if msg.payload else None
+                if text not in ("0", "1", None):
+                    raise Reject(f"payload on {msg.topic} must be 0 or 1, got {shown(text)}")
+                self._update_host(site, msg.topic, bridge=text)
+                return
+            if parts[3] in ("status", "meta") and DAEMON_NAME.match(parts[2]) and (
+                    parts[2] not in RESERVED):
+                self._on_daemon(msg, parts[2], parts[3], site)
+                return
+        raise Reject(f"topic {shown(msg.topic)} is none of {self.topics.root}/host/<host>/"
+                     "<daemon>/status|meta, /bridge/state or /cmd/...")
+
+    def _update_host(self, site: str, topic: str, **fields: Any) -> None:
+        with self._lock:
+            if site not in self.hosts and len(self.hosts) >= self.limits.daemons:
+                self._refuse("hosts", topic, self.limits.daemons)
+                return
+            item = self.hosts.setdefault(site, {"host": site, "bridge": None, "monitor": None})
+            item.update(fields)
+            self._emit("hosts", site, dict(item))
 
     def _on_data(self, msg: Message) -> None:
         location, quantity = self.topics.split(msg.topic, "data", 2)
@@ -244,6 +315,9 @@ class State:
                 item["interval_s"] = round(max(gaps), 3)
             self._gaps[key] = gaps
             self.values[key] = item
+            if item.get("kind") == "output":
+                site = self._output_hosts.get(msg.topic)
+                item["host"], item["target"] = site, identity(quantity, site)
             self._emit("values", key, item)
 
     def _on_board(self, msg: Message) -> None:
@@ -294,6 +368,19 @@ class State:
                 with self._lock:
                     self.summary = self._record(msg)
             return
+        if parts[1] == HOST and len(parts) == 4 and SEGMENT.match(parts[2]) and (
+                DAEMON_NAME.match(parts[3])):
+            if msg.payload:  # a satellite's daemon's record
+                record = self._record(msg)
+                verdict = {k: record.get(k) for k in ("state", "since", "reason", "flapping")}
+                self._update_daemon(parts[3], msg.topic, site=parts[2], monitor=verdict)
+            return
+        if parts[1] == "hosts" and len(parts) == 3 and SEGMENT.match(parts[2]):
+            if msg.payload:  # a satellite's link as the monitor judges it
+                record = self._record(msg)
+                self._update_host(parts[2], msg.topic, monitor={
+                    k: record.get(k) for k in ("state", "since")})
+            return
         if len(parts) != 3 or not SEGMENT.match(parts[2]):
             raise Reject(f"topic {shown(msg.topic)} does not match "
                          f"{self.topics.root}/monitor/{parts[1]}/<[a-z0-9_-]+>")
@@ -311,7 +398,7 @@ class State:
         verdict = {k: record.get(k) for k in ("state", "since", "reason", "flapping")}
         self._update_daemon(name, msg.topic, monitor=verdict)
 
-    def _on_daemon(self, msg: Message, name: str, what: str) -> None:
+    def _on_daemon(self, msg: Message, name: str, what: str, site: str | None = None) -> None:
         if not msg.payload:
             return
         if what == "status":
@@ -319,9 +406,12 @@ class State:
             if status not in ("online", "offline"):
                 raise Reject(f"payload on {msg.topic} must be online or offline, got "
                              f"{shown(status)}")
-            self._update_daemon(name, msg.topic, status=status, status_ts=round(time.time(), 3))
+            self._update_daemon(name, msg.topic, site=site, status=status,
+                                status_ts=round(time.time(), 3))
             return
         meta = self._record(msg)
+        if site is not None and name == self.outputs_daemon:
+            self._learn_outputs(site, meta.get("publishes"))
         counters = meta.get("counters")
         fields: dict[str, Any] = dict.fromkeys(("event", "host", "pid", "version", "ts",
                                                  "uptime_s", "interval_s", "rss_kb"))
@@ -333,19 +423,51 @@ class State:
                 fields[str(k)[:64]] = v
         fields["counters"] = ({str(k)[:64]: v for k, v in list(counters.items())[:64]
                                if type(v) is int} if isinstance(counters, dict) else {})
-        self._update_daemon(name, msg.topic, meta=fields)
+        self._update_daemon(name, msg.topic, site=site, meta=fields)
 
-    def _update_daemon(self, name: str, topic: str, **fields: Any) -> None:
+    def _learn_outputs(self, site: str, publishes: Any) -> None:
+        """A satellite's outputs daemon's declaration: which data topics are its (and so which
+        outputs are switched through ``<root>/host/<site>/cmd/...``)."""
+        if not isinstance(publishes, list):
+            return
+        prefix = self.topics.root + "/data/"
+        mine = [t for t in publishes[:MAX_PUBLISHES]
+                if isinstance(t, str) and t.startswith(prefix) and "+" not in t and "#" not in t]
         with self._lock:
-            old = self.daemons.get(name)
+            for topic in [t for t, h in self._output_hosts.items() if h == site]:
+                del self._output_hosts[topic]
+            for topic in mine:
+                if len(self._output_hosts) < self.limits.series:
+                    self._output_hosts[topic] = site
+            for key, value in list(self.values.items()):
+                if value.get("kind") == "output":
+                    self._mark_output(key, value)
+
+    def _mark_output(self, key: str, item: dict[str, Any]) -> None:
+        """Set an output's ``host`` (its satellite, or null: this hub's) and ``target`` (what
+        ``POST /api/outputs/<target>`` takes: ``<output>`` or ``<output>@<host>``); emit it if
+        that changed. Called with the lock held."""
+        site = self._output_hosts.get(f"{self.topics.root}/data/{key}")
+        target = identity(item["quantity"], site)
+        if item.get("target") != target:
+            self.values[key] = item = {**item, "host": site, "target": target}
+            self._emit("values", key, item)
+
+    def _update_daemon(self, name: str, topic: str, site: str | None = None,
+                       **fields: Any) -> None:
+        key = identity(name, site)
+        with self._lock:
+            old = self.daemons.get(key)
             if old is None and len(self.daemons) >= self.limits.daemons:
                 self._refuse("daemons", topic, self.limits.daemons)
                 return
-            item = dict(old) if old else {"daemon": name, "status": None, "status_ts": None,
-                                          "meta": None, "monitor": None}
+            item = dict(old) if old else {"daemon": key, "name": name,
+                                          "host": site or self.own_host,
+                                          "satellite": site is not None, "status": None,
+                                          "status_ts": None, "meta": None, "monitor": None}
             item.update(fields)
-            self.daemons[name] = item
-            self._emit("daemons", name, item)
+            self.daemons[key] = item
+            self._emit("daemons", key, item)
 
     # ------------------------------------------------------------------ helpers
 

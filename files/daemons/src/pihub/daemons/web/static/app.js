@@ -14,7 +14,7 @@
   var role = body.dataset.role;
   var csrfMeta = document.querySelector('meta[name="csrf"]');
   var csrf = csrfMeta ? csrfMeta.content : "";
-  var state = { values: {}, daemons: {}, boards: {}, rules: {}, notifications: [] };
+  var state = { values: {}, daemons: {}, hosts: {}, boards: {}, rules: {}, notifications: [] };
   var pihub = window.pihub = { state: state, events: 0, snapshots: 0, lastChange: 0,
                                plot: null, plotted: 0, connected: false };
   var maxNotes = 100;
@@ -117,7 +117,7 @@
     var others = sortedKeys(c).filter(function (k) { return COUNTERS.indexOf(k) < 0 && c[k]; })
       .map(function (k) { return k + " " + c[k]; }).join(", ");
     return h("tr", { id: "d:" + it.daemon, cls: st[0] },
-      h("th", { text: it.daemon }),
+      h("th", { text: it.name || it.daemon }),
       h("td", null, h("span", { cls: "badge " + st[0], text: st[1] })),
       h("td", { text: (v.state || "–") + (v.reason ? " · " + v.reason : "") }),
       h("td", { text: meta.host || "–" }), h("td", { text: meta.version || "–" }),
@@ -131,11 +131,38 @@
       }),
       h("td", { cls: "more", text: others }));
   }
+  // grouped by host, this hub's first, once there is a satellite (contract: "Fleet")
+  function hostRow(name, sat) {
+    var link = sat ? (state.hosts[name] || {}) : {}, txt = "this hub", down = false;
+    if (sat) {
+      var st = (link.monitor || {}).state ||
+        ({ "1": "reachable", "0": "unreachable" })[link.bridge] || "link unknown";
+      txt = "satellite · " + st; down = st === "unreachable";
+    }
+    return h("tr", { id: "h:" + name, cls: "hostrow" + (down ? " down" : "") },
+      h("th", { colspan: "13" }, name || "–", " ", h("small", { text: txt })));
+  }
   function renderDaemons() {
     var tb = document.querySelector("#daemons tbody"), t = now();
-    tb.replaceChildren.apply(tb, sortedKeys(state.daemons).map(function (k) {
-      return daemonRow(state.daemons[k], t);
-    }));
+    var keys = sortedKeys(state.daemons), own = null, sites = {};
+    keys.forEach(function (k) {
+      var it = state.daemons[k];
+      if (it.satellite) sites[it.host] = true; else own = it.host;
+    });
+    Object.keys(state.hosts).forEach(function (k) { sites[k] = true; });
+    var names = Object.keys(sites).sort(), rows = [];
+    if (!names.length) {
+      rows = keys.map(function (k) { return daemonRow(state.daemons[k], t); });
+    } else {
+      [[own, false]].concat(names.map(function (n) { return [n, true]; })).forEach(function (g) {
+        rows.push(hostRow(g[0], g[1]));
+        keys.forEach(function (k) {
+          var it = state.daemons[k];
+          if (!!it.satellite === g[1] && (!g[1] || it.host === g[0])) rows.push(daemonRow(it, t));
+        });
+      });
+    }
+    tb.replaceChildren.apply(tb, rows);
     var empty = document.querySelector("main .empty");
     if (empty && Object.keys(state.daemons).length) empty.remove();
   }
@@ -234,7 +261,7 @@
   // ------------------------------------------------------------------ outputs
 
   function outputRow(it) {
-    var on = !!it.value, name = it.quantity;
+    var on = !!it.value, name = it.target || it.quantity;
     var sw = role === "admin" ?
       h("form", { method: "post", action: "/outputs/" + name, cls: "switch" },
         h("input", { type: "hidden", name: "csrf", value: csrf }),
@@ -242,14 +269,17 @@
                       text: "Switch " + (on ? "off" : "on") }))
       : h("span", { cls: "muted", text: "view only" });
     return h("tr", { id: "o:" + name, cls: on ? "on" : "off" }, h("th", { text: name }),
-      h("td", { text: it.location }),
+      h("td", { text: it.location + (it.host ? " · " + it.host : "") }),
       h("td", null, h("span", { cls: "badge " + (on ? "on" : "off"), text: on ? "on" : "off" })),
       h("td", { text: stamp(it.ts) }), h("td", null, sw));
   }
   function outputs() {
     return Object.keys(state.values).map(function (k) { return state.values[k]; })
       .filter(function (v) { return v.kind === "output"; })
-      .sort(function (a, b) { return a.quantity < b.quantity ? -1 : 1; });
+      .sort(function (a, b) {
+        var x = (a.host || "") + "\u0000" + a.quantity, y = (b.host || "") + "\u0000" + b.quantity;
+        return x < y ? -1 : 1;
+      });
   }
   function renderOutputs() {
     var tb = document.querySelector("#outputs tbody");
@@ -310,13 +340,15 @@
       if (!(it && swap("v:" + key, valueRow(it, t)))) rerender();
     } else if (page === "daemons" && kind === "daemons") {
       if (!(it && swap("d:" + key, daemonRow(it, t)))) rerender();
+    } else if (page === "daemons" && kind === "hosts") {
+      rerender();
     } else if (page === "boards" && kind === "boards") {
       if (!(it && swap("b:" + key, boardItem(it, t)))) rerender();
     } else if (page === "alerts" && kind === "rules") {
       if (!(it && swap("r:" + key, ruleRow(it)))) rerender();
     } else if (page === "outputs" && kind === "values" &&
-               ((it && it.kind === "output") || (!it && byId("o:" + key.split("/")[1])))) {
-      if (!(it && swap("o:" + it.quantity, outputRow(it)))) rerender();
+               ((it && it.kind === "output") || !it)) {
+      if (!(it && swap("o:" + (it.target || it.quantity), outputRow(it)))) rerender();
     }
   }
 
@@ -333,6 +365,8 @@
     source.addEventListener("snapshot", function (ev) {
       var snap = JSON.parse(ev.data);
       state.values = snap.values; state.daemons = snap.daemons; state.boards = snap.boards;
+      state.hosts = {};
+      (snap.hosts || []).forEach(function (x) { if (x.satellite) state.hosts[x.host] = x; });
       state.rules = snap.rules; state.notifications = snap.notifications;
       pihub.snapshots++;
       setLive(true, "live");
