@@ -71,17 +71,13 @@ def main() -> int:
     client.on_subscribe = lambda *a: subscribed.append(True)
     client.connect("127.0.0.1", args.port, keepalive=60)
     ready = False
-    try:
-        while True:
-            client.loop(timeout=args.flush_idle / 2)
-            if not ready and subscribed:
-                print("ready", flush=True)
-                ready = True
-            if batch and time.monotonic() - last[0] >= args.flush_idle:
-                flush(client)
-    except KeyboardInterrupt:
-        client.disconnect()
-    return 0
+    while True:  # until SIGTERM
+        client.loop(timeout=args.flush_idle / 2)
+        if not ready and subscribed:
+            print("ready", flush=True)
+            ready = True
+        if batch and time.monotonic() - last[0] >= args.flush_idle:
+            flush(client)
 
 
 if __name__ == "__main__":

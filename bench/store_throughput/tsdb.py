@@ -243,8 +243,11 @@ def main() -> int:
         if pub is not None:
             pub.close()
         if bare is not None:
-            bare.send_signal(signal.SIGINT)
-            bare.wait(10)
+            bare.terminate()  # it keeps nothing: SIGTERM's default ends it at once
+            try:
+                bare.wait(10)
+            except subprocess.TimeoutExpired:
+                bare.kill()
         stop_daemon(daemon, log)
         vm.stop()
         broker.terminate()

@@ -33,6 +33,7 @@ import collections
 import logging
 import socket
 import ssl
+import struct
 import threading
 import time
 import traceback
@@ -48,6 +49,7 @@ from .logs import MAX_QUOTED, clip
 from .topics import Reject, decode_json
 
 log = logging.getLogger("pihub.bus")
+_PUBACK = struct.Struct("!BBH").pack  # MQTT 3.1.1 PUBACK: type, remaining length 2, packet id
 
 
 class Counters:
@@ -292,6 +294,28 @@ class Bus:
                             "oldest messages", self.cfg.queue_size)
                 self._dropped_logged = True
         self._pending.append((topic, data, qos, retain))
+
+    def ack_many(self, mids: list[int]) -> None:
+        """Acknowledge many QoS 1 messages at once (``manual_ack``), by their ``Message.mid``;
+        a mid of 0 (a QoS 0 message) is skipped.
+
+        The PUBACKs go to paho as one queued packet: one wake-up of the network thread and one
+        send for a whole batch, where :meth:`Message.ack` costs both per message (a storage
+        daemon acknowledging a thousand messages from its writer thread spent a tenth of its
+        CPU there). A paho without that internal falls back to one ``ack`` per message.
+        """
+        if not self.manual_ack:
+            return
+        client = self._client
+        queue = getattr(client, "_packet_queue", None)
+        if queue is None:  # pragma: no cover (paho 2.x has it)
+            for mid in mids:
+                if mid:
+                    client.ack(mid, 1)
+            return
+        packet = b"".join(_PUBACK(0x40, 2, mid) for mid in mids if mid)
+        if packet:
+            queue(0x40, packet, 0, 0)  # command PUBACK, no mid/qos of its own to track
 
     # ------------------------------------------------------------------ subscribing
 

@@ -199,8 +199,9 @@ class PointSpool(RecordLog):
             old.rmdir()  # kept if anything else is in it
 
 
-# An entry waiting in the batch: line protocol, ack, topic, ts
-Entry = tuple[str, Callable[[], None], str, float]
+# An entry waiting in the batch: line protocol, the message's mid (0: QoS 0, nothing to
+# acknowledge), topic, ts
+Entry = tuple[str, int, str, float]
 
 
 class StoreTsdb(Daemon[Config]):
@@ -356,7 +357,7 @@ class StoreTsdb(Daemon[Config]):
             return
         self.seen_ts[topic] = ts
         line = f"{prefix}{float(value)!r} {round(ts * 1000)}"
-        ack = msg.ack
+        mid = msg.mid if msg.qos else 0
         cfg = self.config
         with self._cond:
             # bounded memory: wait while the writer is behind by two batches
@@ -367,7 +368,7 @@ class StoreTsdb(Daemon[Config]):
                 self._first_at = mono
                 self._cond.notify()
             self._last_at = mono
-            self._pending.append((line, ack, topic, ts))
+            self._pending.append((line, mid, topic, ts))
             if len(self._pending) == cfg.batch_size:
                 self._cond.notify()
 
@@ -432,10 +433,10 @@ class StoreTsdb(Daemon[Config]):
             rest = lines  # older points wait in the spool: keep the order
         if rest:
             self._to_spool(rest)
-        for entry in batch:
-            entry[1]()
+        # stored or spooled: acknowledged all at once (one packet, one wake-up of paho's thread)
+        self.bus.ack_many([e[1] for e in batch])
         with self._state_lock:
-            for _line, _ack, topic, ts in batch:
+            for _line, _mid, topic, ts in batch:
                 self.stored_ts[topic] = ts
             self._state_dirty = True
 
