@@ -428,3 +428,31 @@ def test_new_series_beyond_max_series_are_refused_counted_logged_once_and_never_
     assert sorted(vm.export("temperature_value")) == [(f"room{i}", HOST) for i in range(3)]
     refused = [line for line in d.output().splitlines() if "message(s) of new series" in line]
     assert len(refused) == 1 and "max_series=3" in refused[0]
+
+
+def test_stored_messages_are_acknowledged_so_the_restarted_daemon_gets_none_of_them_again(
+        vm, store, observe, topic_root):
+    """Acknowledged once stored, a batch at a time: 120 QoS 1 messages (the broker lets 20 wait
+    for their acknowledgement) and 5 at QoS 0 all stored, and after a restart the persistent
+    session hands the daemon none of them again."""
+    obs = observe(f"{topic_root}/store-tsdb/#")
+    d = store(vm.url, batch_size=50)
+    heartbeat(obs, topic_root, lambda m: m["event"] == "heartbeat")
+    start = time.time() - 3600
+    expected = publish_series(obs, topic_root, "hall", "temperature", 120, start)
+    for i in range(5):
+        ts = round(start + 120 + i, 3)
+        obs.publish(f"{topic_root}/data/hall/temperature",
+                    {"value": 1.5, "unit": "°C", "ts": ts}, qos=0)
+        expected.append((round(ts * 1000), 1.5))
+    assert stored(vm, "temperature", "hall", 125) == expected
+    heartbeat(obs, topic_root, counter("written", 125))
+    assert d.stop() == 0
+    d2 = store(vm.url)
+    obs.publish(f"{topic_root}/data/hall/temperature",
+                {"value": 2.5, "unit": "°C", "ts": round(start + 200, 3)})
+    stored(vm, "temperature", "hall", 126)
+    meta = heartbeat(obs, topic_root, lambda m: m["pid"] == d2.pid
+                     and m["counters"]["written"] >= 1)
+    assert (meta["counters"]["received"], meta["counters"]["written"]) == (1, 1)
+    assert len(vm.export("temperature_value")[("hall", HOST)]) == 126
