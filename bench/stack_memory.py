@@ -73,6 +73,9 @@ def render(role: str, template: str, variables: dict[str, Any]) -> str:
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     env.filters["comment"] = lambda text: "# " + str(text)
     env.filters["ternary"] = lambda value, yes, no: yes if value else no
+    env.filters["bool"] = lambda value: (str(value).lower() in ("true", "yes", "on", "1")
+                                         if isinstance(value, str) else bool(value))
+    env.filters["regex_replace"] = lambda value, pattern, repl: re.sub(pattern, repl, value)
     return env.from_string((ROLES / role / "templates" / template).read_text()).render(
         ansible_managed="Ansible managed", **variables)
 

@@ -507,3 +507,21 @@ def test_a_unit_too_long_for_the_sidecar_is_rejected_and_creates_nothing(store, 
              "1 rejected, 1 stored")
     assert sorted(p.name for p in rrd_dir.rglob("*")) == ["humidity.json", "humidity.rrd", "lab"]
     assert max(len(line) for line in d.output().splitlines()) < 600
+
+
+def test_the_rrdtool_process_ends_once_unused_and_starts_again_when_needed(tmp_path):
+    from pihub.daemons.store_rrd import RrdTool, create_args
+
+    tool = RrdTool(RRDTOOL)
+    path = tmp_path / "a.rrd"
+    tool.run(*create_args(path, 1_700_000_000, 300))
+    assert tool.running
+    assert not tool.close_if_idle(3600)  # used just now: kept
+    assert tool.running
+    assert tool.close_if_idle(0)
+    assert not tool.running
+    tool.run("update", str(path), "1700000060:1")  # needed again: started again
+    assert tool.running
+    assert path.exists()
+    tool.close()
+    assert not tool.running

@@ -14,7 +14,9 @@ Updates go through rrdcached's socket (its text protocol, ``UPDATE <file> <ts>:<
 ``rrdcached_socket`` is set, and straight into the file otherwise; while rrdcached cannot be
 reached they go straight into the file too. Files are created with ``rrdtool create`` (never
 through rrdcached, which only learns a file once it exists). Direct writes and creations use one
-long-lived ``rrdtool -`` process (rrdtool's pipe mode): no compiled Python binding.
+``rrdtool -`` process (rrdtool's pipe mode): no compiled Python binding. It is started when
+needed and ended once unused for ``RRDTOOL_IDLE_S``: with rrdcached up it is needed only for a
+new series, and an idle rrdtool would hold about 5 MB of the Pi's RAM for nothing.
 
 An update that is not newer than the file's last one (a retained message delivered again, a
 sensor whose clock went back) is counted as ``stale`` and logged at debug level. A file that cannot
@@ -124,8 +126,13 @@ def rrd_number(x: float) -> str:
 # --------------------------------------------------------------------------- rrdtool pipe
 
 
+#: Seconds the ``rrdtool -`` process may stay unused before it is ended (started again when
+#: needed); checked every half of it.
+RRDTOOL_IDLE_S = 30.0
+
+
 class RrdTool:
-    """One long-lived ``rrdtool -`` process: a command per line, ``OK ...`` or ``ERROR: ...``."""
+    """One ``rrdtool -`` process: a command per line, ``OK ...`` or ``ERROR: ...``."""
 
     def __init__(self, exe: str, timeout: float = 60.0) -> None:
         self.exe = exe
@@ -133,6 +140,11 @@ class RrdTool:
         self._proc: subprocess.Popen[bytes] | None = None
         self._buf = b""
         self._lock = threading.Lock()
+        self._used = 0.0
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
 
     def _start(self) -> subprocess.Popen[bytes]:
         # RRDCACHED_ADDRESS would send create/update through rrdcached; this is the direct path
@@ -149,6 +161,7 @@ class RrdTool:
                 raise RrdError(f"rrdtool argument {arg!r} is empty or contains white space")
         line = (" ".join(args) + "\n").encode("utf-8")
         with self._lock:
+            self._used = time.monotonic()
             if self._proc is None or self._proc.poll() is not None:
                 self._proc = self._start()
             proc = self._proc
@@ -190,17 +203,28 @@ class RrdTool:
             self._proc.wait()
             self._proc = None
 
+    def close_if_idle(self, idle_s: float) -> bool:
+        """End the process when it has not been used for ``idle_s``; True when it was ended."""
+        with self._lock:
+            if not self.running or time.monotonic() - self._used < idle_s:
+                return False
+            self._close()
+            return True
+
     def close(self) -> None:
         with self._lock:
-            if self._proc is not None and self._proc.poll() is None:
-                assert self._proc.stdin is not None
-                try:
-                    self._proc.stdin.write(b"quit\n")
-                    self._proc.stdin.close()
-                    self._proc.wait(5)
-                except (OSError, subprocess.TimeoutExpired):
-                    self._kill()
-            self._proc = None
+            self._close()
+
+    def _close(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            assert self._proc.stdin is not None
+            try:
+                self._proc.stdin.write(b"quit\n")
+                self._proc.stdin.close()
+                self._proc.wait(5)
+            except (OSError, subprocess.TimeoutExpired):
+                self._kill()
+        self._proc = None
 
 
 # --------------------------------------------------------------------------- rrdcached client
@@ -345,6 +369,11 @@ class StoreRrd(Daemon[Config]):
                         "series_refused"):
             self.count(counter, 0)  # every counter in every heartbeat, from the start
         self.subscribe_data(self.store)
+        self.every(RRDTOOL_IDLE_S / 2, self._rrdtool_idle, first_in=RRDTOOL_IDLE_S / 2)
+
+    def _rrdtool_idle(self) -> None:
+        if self.rrdtool.close_if_idle(RRDTOOL_IDLE_S):
+            self.log.debug("rrdtool unused for %.0f s: ended until needed", RRDTOOL_IDLE_S)
 
     def reload(self, new: Config, changed: set[str]) -> set[str]:
         return changed & {"max_series"}
