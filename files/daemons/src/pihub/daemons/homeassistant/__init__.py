@@ -12,6 +12,13 @@ reads pihub's own retained topics directly (this daemon relays no value):
 * a display board item (``<root>/display/<board>/<item>``): a ``sensor`` with the payload as
   attributes.
 
+A satellite's daemons, mirrored onto the central as ``<root>/host/<host>/<daemon>/status|meta``
+(contract §2, "Fleet"), are read too: their entities (health, and the series and boards they
+publish) belong to a device of their own per satellite (``pihub <host>``), with unique ids that
+include the host (``host_<host>_status_<daemon>``); their availability is the mirrored status and
+a satellite's output is switched on ``<root>/host/<host>/cmd/sensor-gpio/<output>``. A single
+hub's configs do not change.
+
 Each config's ``availability`` is the status of the daemon that publishes the topic: the
 daemon whose ``publishes`` (its metadata, contract section 2) has the most specific filter
 matching it. A series whose retained message is cleared, a daemon whose status is cleared or
@@ -43,12 +50,15 @@ from pihub.config import BaseConfig, setting
 from pihub.daemon import Daemon
 from pihub.logs import clip
 from pihub.topics import (
+    HOST,
     SEGMENT,
     Reject,
     decode_json,
     encode_json,
+    identity,
     parse_measurement,
     shown,
+    split_identity,
 )
 
 from . import discovery
@@ -122,13 +132,14 @@ class Config(BaseConfig):
 
 @dataclass
 class _Daemon:
-    name: str
+    name: str  # its identity: <daemon>, or <daemon>@<host> for a satellite's
     status: str | None = None  # online, offline; None: not seen yet
     cleared: bool = False  # its status was deleted (an empty retained message)
     host: str | None = None
     version: str | None = None
     publishes: tuple[str, ...] = ()
     meta_ts: float = 0.0
+    site: str | None = None  # the satellite it runs on; None: this hub
 
 
 @dataclass
@@ -191,6 +202,8 @@ class HomeAssistant(Daemon[Config]):
         root, prefix, node = self.config.topic_root, self.config.discovery_prefix, self.node
         self.subscribe(f"{root}/+/status", self.on_status)
         self.subscribe(f"{root}/+/meta", self.on_meta)
+        self.subscribe(f"{root}/{HOST}/+/+/status", self.on_status)
+        self.subscribe(f"{root}/{HOST}/+/+/meta", self.on_meta)
         self.subscribe(f"{root}/data/#", self.on_data)
         if self.config.boards:
             self.subscribe(f"{root}/display/+/+", self.on_board)
@@ -209,8 +222,15 @@ class HomeAssistant(Daemon[Config]):
     # ------------------------------------------------------------------ MQTT handlers
 
     def _daemon_name(self, topic: str) -> str | None:
-        name = topic.split("/")[-2]
-        return name if name not in NOT_DAEMONS and SEGMENT.match(name) else None
+        """The identity of the daemon whose status or meta ``topic`` is (``<daemon>``, or
+        ``<daemon>@<host>`` for a satellite's mirror); None for no daemon's."""
+        try:
+            found = self.topics.daemon_topic(topic)
+        except Reject:
+            return None
+        if found is None or found[1] in NOT_DAEMONS:
+            return None
+        return identity(found[1], found[0])
 
     def _daemon(self, name: str, topic: str) -> _Daemon | None:
         """The record of ``name``, made if new and within ``max_entities``."""
@@ -223,9 +243,10 @@ class HomeAssistant(Daemon[Config]):
             self.log.warning("rejected %s: %d daemons are known already", clip(topic),
                              MAX_DAEMONS)
             return None
-        if self.config.health and not self._admit(topic, f"status_{name}"):
+        daemon, site = split_identity(name)
+        if self.config.health and not self._admit(topic, discovery.health_id(daemon, site)):
             return None
-        found = self.daemons[name] = _Daemon(name)
+        found = self.daemons[name] = _Daemon(name, site=site)
         return found
 
     def on_status(self, msg: Message) -> None:
@@ -427,15 +448,16 @@ class HomeAssistant(Daemon[Config]):
         """Under the lock: every config that should be on the broker, by topic."""
         hosts: dict[str, str] = {}
         for record in self.daemons.values():
-            if record.host and record.version:
-                hosts[record.host] = max(hosts.get(record.host, ""), record.version)
+            device = record.site or record.host  # a satellite's device: its host's segment
+            if device and record.version:
+                hosts[device] = max(hosts.get(device, ""), record.version)
         out: list[Announce] = []
 
         def place(owner: _Daemon | None) -> tuple[str, str | None, str | None] | None:
             """(host, version, daemon) for a topic's owner; None if the owner is gone."""
             if owner is not None and self._gone(owner, now):
                 return None
-            host = owner.host if owner and owner.host else self.host
+            host = (owner.site or owner.host or self.host) if owner else self.host
             return host, hosts.get(host), owner.name if owner else None
 
         for topic, s in self.series.items():
@@ -450,7 +472,7 @@ class HomeAssistant(Daemon[Config]):
         if self.config.health:
             for record in self.daemons.values():
                 if record.status is not None and not self._gone(record, now):
-                    host = record.host or self.host
+                    host = record.site or record.host or self.host
                     out.append(discovery.health(self.node, record.name, host, hosts.get(host)))
         return {self.node.topic(a.component, a.object_id): encode_json(a.config) for a in out}
 

@@ -63,6 +63,19 @@ def sensor_classes(unit: str, quantity: str) -> tuple[str | None, str]:
     return (found.pop() if len(found) == 1 else None), "measurement"
 
 
+def status_topic(root: str, daemon: str) -> str:
+    """The status topic of a daemon by identity: ``<root>/<daemon>/status``, or for
+    ``<daemon>@<host>`` (a satellite's) its mirror ``<root>/host/<host>/<daemon>/status``."""
+    name, _, site = daemon.partition("@")
+    return f"{root}/host/{site}/{name}/status" if site else f"{root}/{name}/status"
+
+
+def health_id(daemon: str, site: str | None) -> str:
+    """The object id of a daemon's health: ``status_<daemon>``, a satellite's
+    ``host_<host>_status_<daemon>`` (its unique id includes its host)."""
+    return f"status_{daemon}" if site is None else f"host_{site}_status_{daemon}"
+
+
 def ident(text: str) -> str:
     """``text`` as an id segment (``[a-z0-9_-]``, at most 64 characters)."""
     return _NOT_ID.sub("-", text.lower()).strip("-")[:64] or "x"
@@ -96,7 +109,7 @@ class Node:
             "origin": {"name": "pihub-homeassistant", "sw_version": self.version},
         }
         if daemon is not None:
-            config["availability"] = [{"topic": f"{self.root}/{daemon}/status",
+            config["availability"] = [{"topic": status_topic(self.root, daemon),
                                        "payload_available": "online",
                                        "payload_not_available": "offline"}]
         return config
@@ -121,7 +134,10 @@ def measurement(node: Node, location: str, quantity: str, unit: str, kind: str |
     config = node.common(object_id, f"{location} {quantity}", host, version, daemon)
     config.update(state_topic=topic, value_template=VALUE)
     if unit == BOOL and kind == "output":
-        config.update(command_topic=f"{node.root}/cmd/sensor-gpio/{quantity}",
+        site = daemon.partition("@")[2] if daemon else ""  # a satellite's: through its bridge
+        command = (f"{node.root}/host/{site}/cmd/sensor-gpio/{quantity}" if site
+                   else f"{node.root}/cmd/sensor-gpio/{quantity}")
+        config.update(command_topic=command,
                       payload_on="on", payload_off="off", state_on="1", state_off="0",
                       retain=False)
         return Announce("switch", object_id, config)
@@ -141,10 +157,12 @@ def measurement(node: Node, location: str, quantity: str, unit: str, kind: str |
 
 
 def health(node: Node, daemon: str, host: str, version: str | None) -> Announce:
-    """A daemon's health: its status topic, online/offline, as a connectivity binary_sensor."""
-    object_id = f"status_{daemon}"
-    config = node.common(object_id, f"pihub-{daemon}", host, version, None)
-    config.update(state_topic=f"{node.root}/{daemon}/status", payload_on="online",
+    """A daemon's health: its status topic, online/offline, as a connectivity binary_sensor
+    (``daemon`` is its identity: ``<daemon>@<host>`` for a satellite's)."""
+    name, _, site = daemon.partition("@")
+    object_id = health_id(name, site or None)
+    config = node.common(object_id, f"pihub-{name}", host, version, None)
+    config.update(state_topic=status_topic(node.root, daemon), payload_on="online",
                   payload_off="offline", device_class="connectivity",
                   entity_category="diagnostic")
     return Announce("binary_sensor", object_id, config)
