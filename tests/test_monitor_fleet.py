@@ -203,3 +203,11 @@ class _Cfg:
     priority_up = 0
     priority_stopped = -1
     flap_window_s = 300.0
+
+
+def test_a_daemon_class_called_host_is_refused() -> None:
+    from pihub.daemon import Daemon
+
+    with pytest.raises(TypeError, match="reserved"):
+        class Host(Daemon[HostsConfig]):
+            name = "host"

@@ -47,7 +47,14 @@ from .bus import Bus, Counters, Handler, Message
 from .config import EX_CONFIG, BaseConfig, ConfigError, as_dict, example_text, load_file
 from .logs import clip
 from .systemd import Notifier
-from .topics import Measurement, Topics, encode_json, measurement_payload, parse_measurement
+from .topics import (
+    RESERVED,
+    Measurement,
+    Topics,
+    encode_json,
+    measurement_payload,
+    parse_measurement,
+)
 
 C = TypeVar("C", bound=BaseConfig)
 
@@ -92,6 +99,12 @@ class Daemon(Generic[C]):
     persistent_session: ClassVar[bool] = False
     #: acknowledge QoS 1 messages only when the handler calls ``message.ack()``
     manual_ack: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name in RESERVED:  # contract §2: ``<root>/host/...`` is a satellite's mirror
+            raise TypeError(f"a daemon may not be called {cls.name!r}: a reserved first "
+                            "segment of the topics")
 
     def __init__(self, config: C, config_path: str | None = None) -> None:
         self.config = config
