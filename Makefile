@@ -28,6 +28,7 @@ test: setup ## Set up, then every test: unit tests, linters, the fresh-machine s
 	$(MAKE) lint
 	$(MAKE) test-fresh-machine
 	$(MAKE) molecule
+	$(MAKE) molecule-raspberrypi
 
 .PHONY: test-all
 test-all: test test-homeassistant ## Every proof, the heavy ones too: make test, then a real Home Assistant (arm64, fleet, upgrade, image boot will join)
@@ -78,6 +79,12 @@ lint-ansible: $(PYTHON) ## ansible-lint (production profile) and yamllint on rol
 .PHONY: image
 image: ## Build the stand-in Pi image (debootstrap, cached by the build script's hash)
 	images/standin/build.sh $(STANDIN_IMAGE)
+
+# The raspberrypi role's real tasks on two stand-ins that pretend to be a Pi 5 and a Pi 3
+# (molecule/raspberrypi/: a fake board model and Raspberry Pi OS's boot files).
+.PHONY: molecule-raspberrypi
+molecule-raspberrypi: $(PYTHON) image ## Molecule: the raspberrypi role on a pretend Pi 5 and Pi 3 (overlays, GPIO, reboot flag)
+	molecule test -s raspberrypi
 
 # Molecule installs this copy of files/daemons, taken once at the start, so that converge,
 # idempotence and verify see the same code while the working tree is being edited.

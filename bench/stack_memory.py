@@ -69,8 +69,11 @@ def role_defaults(role: str) -> dict[str, Any]:
     return yaml.safe_load((ROLES / role / "defaults" / "main.yml").read_text()) or {}
 
 
-def render(role: str, template: str, variables: dict[str, Any]) -> str:
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+def render(role: str, template: str, variables: dict[str, Any], strict: bool = True) -> str:
+    """ROLE's TEMPLATE as the play renders it (strict: a variable missing here is an error;
+    otherwise it renders as empty and false, for settings that need the whole inventory)."""
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined if strict
+                             else jinja2.ChainableUndefined, keep_trailing_newline=True)
     env.filters["comment"] = lambda text: "# " + str(text)
     env.filters["ternary"] = lambda value, yes, no: yes if value else no
     env.filters["bool"] = lambda value: (str(value).lower() in ("true", "yes", "on", "1")
@@ -123,7 +126,8 @@ def start_mosquitto(work: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = fp.free_port()
     variables = {**role_defaults("mosquitto"),
                  "mosquitto_listeners": [{"port": port, "address": "127.0.0.1"}]}
-    conf = [line for line in render("mosquitto", "pihub.conf.j2", variables).splitlines()
+    conf = [line for line in render("mosquitto", "pihub.conf.j2", variables,
+                                            strict=False).splitlines()
             if not line.startswith(("password_file", "acl_file", "allow_anonymous"))]
     (work / "mosquitto").mkdir()
     conf += ["allow_anonymous true", f"persistence_location {work / 'mosquitto'}/",
@@ -135,13 +139,14 @@ def start_mosquitto(work: Path) -> tuple[subprocess.Popen[bytes], int]:
     return proc, port
 
 
-def start_victoria(work: Path, extra: list[str]) -> tuple[subprocess.Popen[bytes], str]:
+def start_victoria(work: Path, extra: list[str],
+                   extra_env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     port = fp.free_port()
     variables = {**role_defaults("timeseries"), "timeseries_data_path": str(work / "vm"),
                  "timeseries_listen_address": f"127.0.0.2:{port}",
                  "timeseries_http_password": TSDB_PASSWORD,
                  "timeseries_delete_auth_key": "bench-delete-key-0123456789"}
-    env = dict(os.environ)
+    env = {**os.environ, **extra_env}
     args: list[str] = []
     for line in render("timeseries", "victoria-metrics.default.j2", variables).splitlines():
         if re.match(r"^[A-Za-z_]+=", line):
@@ -255,7 +260,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         logs = []
         try:
             procs["mosquitto"], port = start_mosquitto(work)
-            procs["victoria-metrics"], vm_url = start_victoria(work, args.vm_arg)
+            procs["victoria-metrics"], vm_url = start_victoria(
+                work, args.vm_arg, dict(kv.split("=", 1) for kv in args.vm_env))
             procs["rrdcached"], rrd_dir, rrd_sock = start_rrdcached(work)
             names = fp.daemons()
             entries = example_daemons()
@@ -339,6 +345,8 @@ def main() -> int:
                         help="more environment for every daemon (to try a cut)")
     parser.add_argument("--vm-arg", action="append", default=[],
                         help="more VictoriaMetrics flags (to try a cut)")
+    parser.add_argument("--vm-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="more environment for VictoriaMetrics (to try a cut)")
     parser.add_argument("--no-unit-env", action="store_true",
                         help="without the unit template's Environment= lines")
     parser.add_argument("--save", metavar="LABEL",
@@ -370,7 +378,8 @@ def main() -> int:
             "machine": f"{os.cpu_count()}-core {os.uname().machine}",
             "idle_s": args.idle, "samples": args.samples, "note": args.note
             or data["runs"].get(args.save, {}).get("note", ""),
-            "env": args.env, "vm_args": args.vm_arg, "unit_env": not args.no_unit_env,
+            "env": args.env, "vm_args": args.vm_arg, "vm_env": args.vm_env,
+            "unit_env": not args.no_unit_env,
             "parts": parts}
         RESULTS.parent.mkdir(exist_ok=True)
         RESULTS.write_text(json.dumps(data, indent=1) + "\n")

@@ -34,9 +34,7 @@ import base64
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
-
-import requests
+from typing import TYPE_CHECKING, Any
 
 from pihub import __version__
 from pihub.bus import read_secret
@@ -51,7 +49,9 @@ from pihub.notify import (
     one_line,
     retry_after,
 )
-from pihub.web import session, short_error
+
+if TYPE_CHECKING:
+    import requests
 
 #: pihub's priority (-2..2) -> ntfy's (1 min, 2 low, 3 default, 4 high, 5 max/urgent)
 PRIORITY = {-2: 1, -1: 2, 0: 3, 1: 4, 2: 5}
@@ -138,7 +138,15 @@ class NtfyNotifier(Notifier[Config]):
         return f"{self.config.base_url.rstrip('/')}/{self.config.topic}"
 
     def open_channel(self) -> None:
-        self._session = session(f"pihub-notify-ntfy/{__version__}", "application/json")
+        """Nothing yet: requests (about 5 MB of the Pi's RAM, its imports) and the session are
+        made for the first notification (:meth:`_open_session`), not for a daemon that waits."""
+
+    def _open_session(self) -> requests.Session:
+        if self._session is None:
+            from pihub.web import session
+
+            self._session = session(f"pihub-notify-ntfy/{__version__}", "application/json")
+        return self._session
 
     def close_channel(self) -> None:
         if self._session is not None:
@@ -177,13 +185,16 @@ class NtfyNotifier(Notifier[Config]):
         return headers
 
     def deliver(self, batch: list[Request]) -> str:
-        assert self._session is not None
+        import requests
+
+        from pihub.web import short_error
+
+        session = self._open_session()
         (item,) = batch
         url = self.url
         try:
-            response = self._session.post(url, data=item.message.encode("utf-8"),
-                                          headers=self.headers(item),
-                                          timeout=self.config.timeout)
+            response = session.post(url, data=item.message.encode("utf-8"),
+                                    headers=self.headers(item), timeout=self.config.timeout)
         except requests.RequestException as exc:
             raise TryLater(f"POST {url} failed: {short_error(exc)}") from None
         status = response.status_code

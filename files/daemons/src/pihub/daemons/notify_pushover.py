@@ -41,9 +41,7 @@ import contextlib
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
-
-import requests
+from typing import TYPE_CHECKING, Any
 
 from pihub import __version__
 from pihub.bus import read_secret
@@ -62,6 +60,9 @@ from pihub.notify import (  # noqa: F401 (MAX_MESSAGE, Request, parse_request: t
     parse_request,
     retry_after,
 )
+
+if TYPE_CHECKING:
+    import requests
 
 #: Emergency priority: Pushover requires retry >= 30 s and expire <= 10800 s.
 MIN_RETRY = 30
@@ -172,8 +173,16 @@ class PushoverNotifier(Notifier[Config]):
     # ------------------------------------------------------------------ lifecycle
 
     def open_channel(self) -> None:
-        self._session = requests.Session()
-        self._session.headers["User-Agent"] = f"pihub-notify-pushover/{__version__}"
+        """Nothing yet: requests (about 5 MB of the Pi's RAM, its imports) and the session are
+        made for the first notification (:meth:`_open_session`), not for a daemon that waits."""
+
+    def _open_session(self) -> requests.Session:
+        if self._session is None:
+            import requests
+
+            self._session = requests.Session()
+            self._session.headers["User-Agent"] = f"pihub-notify-pushover/{__version__}"
+        return self._session
 
     def close_channel(self) -> None:
         if self._session is not None:
@@ -212,11 +221,13 @@ class PushoverNotifier(Notifier[Config]):
         return fields
 
     def deliver(self, batch: list[Request]) -> str:
-        assert self._session is not None
+        import requests
+
+        session = self._open_session()
         (item,) = batch
         url = self.url
         try:
-            response = self._session.post(url, data=self.form(item), timeout=self.config.timeout)
+            response = session.post(url, data=self.form(item), timeout=self.config.timeout)
         except requests.RequestException as exc:
             raise TryLater(f"POST {url} failed: {type(exc).__name__}: {exc}") from None
         remaining = response.headers.get("X-Limit-App-Remaining")
