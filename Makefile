@@ -97,6 +97,17 @@ molecule: $(PYTHON) image ## Molecule: create, converge, idempotence, verify, de
 	  | tar -C $(MOLECULE_PACKAGE_SOURCE) -xf -
 	PIHUB_MOLECULE_PACKAGE_SOURCE=$(abspath $(MOLECULE_PACKAGE_SOURCE)) molecule test
 
+# The fleet (issue 19): a central and two satellite stand-ins, bridged over TLS, on a private
+# Docker network (molecule/fleet/); its own copy of files/daemons, as above.
+MOLECULE_FLEET_PACKAGE_SOURCE ?= .cache/molecule-fleet-package-source
+.PHONY: molecule-fleet
+molecule-fleet: $(PYTHON) image ## Molecule fleet: a central and two satellites bridged over TLS; link cut, ACL, monitor
+	rm -rf $(MOLECULE_FLEET_PACKAGE_SOURCE) && mkdir -p $(MOLECULE_FLEET_PACKAGE_SOURCE)
+	tar -C files/daemons --exclude=__pycache__ --exclude=*.egg-info --exclude=build \
+	  --exclude=.mypy_cache --exclude=.ruff_cache --exclude=.pytest_cache -cf - . \
+	  | tar -C $(MOLECULE_FLEET_PACKAGE_SOURCE) -xf -
+	PIHUB_MOLECULE_PACKAGE_SOURCE=$(abspath $(MOLECULE_FLEET_PACKAGE_SOURCE)) molecule test -s fleet
+
 # --- Your Pi ------------------------------------------------------------------------------
 # make inventory NAME=home HOST=192.168.1.20 [SSH_USER=pi], then make pi-check / make pi.
 SSH_USER ?= pi
