@@ -45,6 +45,7 @@ import shlex
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -247,11 +248,51 @@ def memory(pid: int) -> dict[str, int]:
     return total
 
 
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def frames(pid: int) -> set[int]:
+    """The physical page frames PID and its children have in RAM (/proc/<pid>/pagemap: root)."""
+    out: set[int] = set()
+    for p in tree(pid):
+        try:
+            fd = os.open(f"/proc/{p}/pagemap", os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            for line in Path(f"/proc/{p}/maps").read_text().splitlines():
+                start, end = (int(x, 16) for x in line.split()[0].split("-"))
+                try:
+                    data = os.pread(fd, (end - start) // PAGE * 8, start // PAGE * 8)
+                except OSError:  # [vsyscall]
+                    continue
+                out.update(e & ((1 << 55) - 1) for (e,) in struct.iter_unpack("<Q", data)
+                           if e >> 63 & 1)
+        finally:
+            os.close(fd)
+    out.discard(0)  # no frame number without CAP_SYS_ADMIN: nothing to count
+    return out
+
+
+def stack_pss(procs: dict[str, int]) -> tuple[dict[str, int], int]:
+    """Per process, its pages each divided by the number of the stack's processes that have it
+    (PSS as on a Pi that runs the stack alone: sharers outside it are not counted); and the
+    stack's distinct pages. KB."""
+    sets = {name: frames(pid) for name, pid in procs.items()}
+    count: dict[int, int] = {}
+    for frames_of in sets.values():
+        for f in frames_of:
+            count[f] = count.get(f, 0) + 1
+    kb = PAGE // 1024
+    return ({name: int(sum(kb / count[f] for f in fs)) for name, fs in sets.items()},
+            len(count) * kb)
+
+
 def threads(pid: int) -> int:
     return len(list(Path(f"/proc/{pid}/task").iterdir()))
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     python = str(Path(args.python).absolute())
     extra_env = dict(kv.split("=", 1) for kv in args.env)
     with tempfile.TemporaryDirectory(prefix="pihub-stack-") as tmp:
@@ -306,6 +347,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"{len(pending)} daemons READY; idle {args.idle:.0f} s", flush=True)
             time.sleep(args.idle)  # a benchmark: let the stack settle into its idle state
             samples: dict[str, list[dict[str, int]]] = {n: [] for n in procs}
+            distinct = []
             for i in range(args.samples):
                 if i:
                     time.sleep(5)
@@ -313,6 +355,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     if proc.poll() is not None:
                         raise SystemExit(f"{name} exited with {proc.returncode} while idle")
                     samples[name].append(memory(proc.pid))
+                own, total = stack_pss({n: p.pid for n, p in procs.items()})
+                distinct.append(total)
+                for name, kb in own.items():
+                    samples[name][-1]["stack_pss_kb"] = kb
             enabled = {e["name"]: e["enabled"] for e in entries}
             parts = {}
             for name, got in samples.items():
@@ -322,7 +368,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if name in enabled:
                     row["example_enabled"] = enabled[name]
                 parts[name] = row
-            return parts
+            return parts, int(statistics.median(distinct))
         finally:
             for proc in procs.values():
                 proc.send_signal(signal.SIGTERM)
@@ -359,15 +405,17 @@ def main() -> int:
                              env=env).stdout.strip()
     vm = subprocess.run(["/usr/bin/victoria-metrics", "-version"], capture_output=True,
                         text=True).stdout.strip()
-    parts = run(args)
-    print("| process | threads | PSS | RSS | anonymous |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for name, r in sorted(parts.items(), key=lambda kv: -kv[1]["pss_kb"]):
-        print(f"| {name} | {r['threads']} | {r['pss_kb'] / 1024:.1f} MB | "
-              f"{r['rss_kb'] / 1024:.1f} MB | {r['anon_kb'] / 1024:.1f} MB |")
-    pss = sum(r["pss_kb"] for r in parts.values())
-    rss = sum(r["rss_kb"] for r in parts.values())
-    print(f"\nwhole stack: PSS {pss / 1024:.1f} MB (RSS summed {rss / 1024:.1f} MB)")
+    parts, distinct = run(args)
+    print("| process | threads | PSS in the stack | PSS | RSS | anonymous |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, r in sorted(parts.items(), key=lambda kv: -kv[1]["stack_pss_kb"]):
+        print(f"| {name} | {r['threads']} | {r['stack_pss_kb'] / 1024:.1f} MB | "
+              f"{r['pss_kb'] / 1024:.1f} MB | {r['rss_kb'] / 1024:.1f} MB | "
+              f"{r['anon_kb'] / 1024:.1f} MB |")
+    total = {k: sum(r[k] for r in parts.values()) for k in ("stack_pss_kb", "pss_kb", "rss_kb")}
+    print(f"\nwhole stack: {distinct / 1024:.1f} MB of distinct pages (PSS in the stack summed "
+          f"{total['stack_pss_kb'] / 1024:.1f} MB, smaps_rollup PSS summed "
+          f"{total['pss_kb'] / 1024:.1f} MB, RSS summed {total['rss_kb'] / 1024:.1f} MB)")
     if args.save:
         data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": {}}
         commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
@@ -380,7 +428,7 @@ def main() -> int:
             or data["runs"].get(args.save, {}).get("note", ""),
             "env": args.env, "vm_args": args.vm_arg, "vm_env": args.vm_env,
             "unit_env": not args.no_unit_env,
-            "parts": parts}
+            "distinct_kb": distinct, "parts": parts}
         RESULTS.parent.mkdir(exist_ok=True)
         RESULTS.write_text(json.dumps(data, indent=1) + "\n")
         print(f"saved {RESULTS.relative_to(REPO)} [{args.save}]")
