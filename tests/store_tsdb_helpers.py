@@ -1,22 +1,115 @@
-"""A real VictoriaMetrics per test, and an InfluxDB-like front that can refuse points.
+"""A real VictoriaMetrics per test, an InfluxDB-like front that can refuse points, Debian's
+vmagent in front of a VictoriaMetrics, and what the store-tsdb tests publish and wait for.
 
-Used by tests/test_store_tsdb.py (the benchmark has its own VictoriaMetrics, in bench/).
+Used by tests/test_store_tsdb*.py (the benchmark has its own VictoriaMetrics, in bench/).
 """
 
 from __future__ import annotations
 
 import http.server
 import json
+import shutil
+import signal
+import socket
+import subprocess
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from testkit.loopback import VictoriaMetrics, free_port
+from conftest import Observer
 
-__all__ = ["InfluxFront", "VictoriaMetrics"]
+from testkit.loopback import VictoriaMetrics, free_port, wait_until
+
+__all__ = ["HOST", "InfluxFront", "VictoriaMetrics", "Vmagent", "counter", "heartbeat",
+           "publish_series", "stored"]
+
+HOST = socket.gethostname()
+
+
+def heartbeat(obs: Observer, root: str, predicate: Callable[[dict[str, Any]], bool],
+              timeout: float = 20) -> dict[str, Any]:
+    """The first heartbeat of store-tsdb whose payload satisfies ``predicate``."""
+    hits = obs.wait_for(f"{root}/store-tsdb/meta", lambda m: predicate(m.json()), timeout)
+    return hits[0].json()  # type: ignore[no-any-return]
+
+
+def counter(name: str, at_least: int) -> Callable[[dict[str, Any]], bool]:
+    return lambda meta: meta["counters"].get(name, 0) >= at_least
+
+
+def publish_series(obs: Observer, root: str, location: str, quantity: str, n: int,
+                   start: float, retain: bool = False) -> list[tuple[int, float]]:
+    """Publish ``n`` measurements one second apart; return the (ts_ms, value) expected back."""
+    expected = []
+    for i in range(n):
+        ts = round(start + i, 3)
+        value = round(20 + i * 0.25, 2)
+        obs.publish(f"{root}/data/{location}/{quantity}",
+                    {"value": value, "unit": "°C", "ts": ts}, retain=retain)
+        expected.append((round(ts * 1000), value))
+    return expected
+
+
+def stored(vm: VictoriaMetrics, quantity: str, location: str, n: int,
+           timeout: float = 20) -> list[tuple[int, float]]:
+    """Wait until ``n`` samples of ``<quantity>_value{location}`` are in the DB; return them."""
+    def enough() -> list[tuple[int, float]] | None:
+        samples = vm.export(f"{quantity}_value").get((location, HOST), [])
+        return samples if len(samples) >= n else None
+
+    return wait_until(enough, timeout, f"{n} samples of {quantity}_value{{location={location}}}",
+                      interval=0.2)  # type: ignore[no-any-return]
+
+
+class Vmagent:
+    """Debian's vmagent on a free loopback port, forwarding to ``remote_url`` (Prometheus
+    remote write) with its on-disk buffer in ``buffer_dir``; stop/start keep port and buffer."""
+
+    def __init__(self, remote_url: str, buffer_dir: Path, log: Path) -> None:
+        self.exe = shutil.which("vmagent") or "/usr/bin/vmagent"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.remote_url = remote_url
+        self.buffer_dir = buffer_dir
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [self.exe, f"-httpListenAddr=127.0.0.1:{self.port}",
+                 f"-remoteWrite.url={self.remote_url}",
+                 f"-remoteWrite.tmpDataPath={self.buffer_dir}", "-loggerLevel=WARN"],
+                stdout=log, stderr=subprocess.STDOUT)
+        wait_until(self._healthy, 20, f"vmagent on port {self.port}", interval=0.05)
+
+    def _healthy(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"vmagent exited: {self.log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=1) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """SIGTERM: vmagent writes what it holds in memory to its buffer on disk, then exits."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(30)
+        self.proc = None
+
+    def metric(self, name: str) -> float:
+        """The sum of one of vmagent's own metrics (/metrics) over its labels."""
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.split("{", 1)[0].split(" ", 1)[0] == name)
 
 
 class InfluxFront:

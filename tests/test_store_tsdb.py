@@ -5,18 +5,22 @@ from __future__ import annotations
 import base64
 import json
 import signal
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DaemonProcess, Observer, run_cli, wait_until, write_config
+from conftest import DaemonProcess, run_cli, wait_until, write_config
 from pihub.durable import frame
-from store_tsdb_helpers import InfluxFront, VictoriaMetrics
-
-HOST = socket.gethostname()
+from store_tsdb_helpers import (
+    HOST,
+    InfluxFront,
+    counter,
+    heartbeat,
+    publish_series,
+    stored,
+)
 
 
 @pytest.fixture
@@ -31,41 +35,6 @@ def store(start_daemon: Callable[..., DaemonProcess], tmp_path: Path
         return start_daemon("store_tsdb", config)
 
     return start
-
-
-def heartbeat(obs: Observer, root: str, predicate: Callable[[dict[str, Any]], bool],
-              timeout: float = 20) -> dict[str, Any]:
-    """The first heartbeat whose payload satisfies ``predicate``."""
-    hits = obs.wait_for(f"{root}/store-tsdb/meta", lambda m: predicate(m.json()), timeout)
-    return hits[0].json()  # type: ignore[no-any-return]
-
-
-def counter(name: str, at_least: int) -> Callable[[dict[str, Any]], bool]:
-    return lambda meta: meta["counters"].get(name, 0) >= at_least
-
-
-def publish_series(obs: Observer, root: str, location: str, quantity: str, n: int,
-                   start: float, retain: bool = False) -> list[tuple[int, float]]:
-    """Publish ``n`` measurements one second apart; return the (ts_ms, value) expected back."""
-    expected = []
-    for i in range(n):
-        ts = round(start + i, 3)
-        value = round(20 + i * 0.25, 2)
-        obs.publish(f"{root}/data/{location}/{quantity}",
-                    {"value": value, "unit": "°C", "ts": ts}, retain=retain)
-        expected.append((round(ts * 1000), value))
-    return expected
-
-
-def stored(vm: VictoriaMetrics, quantity: str, location: str, n: int,
-           timeout: float = 20) -> list[tuple[int, float]]:
-    """Wait until ``n`` samples of ``<quantity>_value{location}`` are in the DB; return them."""
-    def enough() -> list[tuple[int, float]] | None:
-        samples = vm.export(f"{quantity}_value").get((location, HOST), [])
-        return samples if len(samples) >= n else None
-
-    return wait_until(enough, timeout, f"{n} samples of {quantity}_value{{location={location}}}",
-                      interval=0.2)  # type: ignore[no-any-return]
 
 
 def test_measurement_is_stored_with_location_host_tags_and_its_own_time(
