@@ -114,7 +114,7 @@ PLAYBOOK = """
     - name: The logins are listed
       ansible.builtin.copy:
         content: |
-          {% for u in pihub_mqtt_users + mosquitto_extra_users %}
+          {% for u in pihub_mqtt_users + mosquitto_bridge_users + mosquitto_extra_users %}
           {{ u.name }}:{{ u.password }}
           {% endfor %}
         dest: "{{ out }}/pihub.passwd"
@@ -126,6 +126,15 @@ PLAYBOOK = """
 def acl_broker(tmp_path: Path) -> Any:
     """A real Mosquitto with the ACL and logins the roles write for DAEMONS and EXTRA_USERS;
     yields (broker, ACL text, {user: password})."""
+    broker, acl, passwords = start_acl_broker(tmp_path, [])
+    yield broker, acl, passwords
+    broker.stop()
+
+
+def start_acl_broker(tmp_path: Path, bridge_clients: list[dict[str, Any]],
+                     ) -> tuple[Broker, str, dict[str, str]]:
+    """The broker of acl_broker, with the bridge logins of a fleet central (the mosquitto
+    role's mosquitto_bridge_clients, as playbooks/site.yml makes them) too."""
     declared = {}
     for entry in DAEMONS:
         path = write_config(tmp_path / f"{entry['name']}.yml", entry["config"])
@@ -138,6 +147,7 @@ def acl_broker(tmp_path: Path) -> Any:
     extra.write_text(yaml.safe_dump({
         "repo": str(REPO), "out": str(tmp_path), "pihub_daemons": DAEMONS,
         "mosquitto_extra_users": EXTRA_USERS, "pihub_mqtt_secret": "test-only-7Qm2Vh9Lx4Rk8Pz3",
+        "mosquitto_bridge_clients": bridge_clients,
         "ansible_python_interpreter": shutil.which("python3")}))
     playbook = shutil.which("ansible-playbook")
     assert playbook, "ansible-playbook is not installed (make dev)"
@@ -157,8 +167,7 @@ def acl_broker(tmp_path: Path) -> Any:
                            f"password_file {tmp_path / 'pihub.passwd'}\n"
                            f"acl_file {tmp_path / 'pihub.acl'}\n")
     broker.start()
-    yield broker, (tmp_path / "pihub.acl").read_text(), passwords
-    broker.stop()
+    return broker, (tmp_path / "pihub.acl").read_text(), passwords
 
 
 def publish(broker: Broker, passwords: dict[str, str], user: str, topic: str,
@@ -239,3 +248,40 @@ def test_acl_grants_declared_topics_outside_the_root_as_they_are(acl_broker) -> 
     assert retained(broker, passwords, mine, "homeassistant/switch/pihub/x/config") == {
         mine: "config", "homeassistant/switch/pihub/x/config": "switch"}
     assert retained(broker, passwords, other, birth) == {}
+
+
+# A fleet's central (docs/provisioning.md, "Fleet"): satellite a's bridge may write its mirror,
+# what its daemons declare and, here, all of data/ (as an outside device of a's with data/# would
+# give it); satellite b's declares one exact topic, its sensor-gpio's front door.
+BRIDGE_CLIENTS = [
+    {"host": "sat-a", "password": "test-only-bridge-a-password",
+     "write": [{"topic": "pihub/data/sat-a/+", "exclusive": False},
+               {"topic": "pihub/data/#", "exclusive": False}]},
+    {"host": "sat-b", "password": "test-only-bridge-b-password",
+     "write": [{"topic": "pihub/data/sat-b-hall/front_door", "exclusive": True}]},
+]
+
+
+def test_a_satellites_bridge_cannot_publish_as_another(tmp_path: Path) -> None:
+    broker, acl, passwords = start_acl_broker(tmp_path, BRIDGE_CLIENTS)
+    try:
+        block = acl.split("\nuser bridge-sat-a\n", 1)[1].split("\n\n", 1)[0]
+        assert block.splitlines() == [
+            "topic write pihub/host/sat-a/#", "topic read pihub/host/sat-a/cmd/#",
+            "topic write pihub/data/sat-a/+", "topic write pihub/data/#",
+            "topic deny pihub/data/hall/heater", "topic deny pihub/data/sat-b-hall/front_door"]
+        door, mirror = "pihub/data/sat-b-hall/front_door", "pihub/host/sat-b/sensor-system/status"
+        publish(broker, passwords, "bridge-sat-b", door, "b")
+        publish(broker, passwords, "bridge-sat-b", mirror, "online")
+        # a's wide data/# reaches b's exact topic only through a deny; b's mirror not at all
+        publish(broker, passwords, "bridge-sat-a", door, "forged-by-a")
+        publish(broker, passwords, "bridge-sat-a", mirror, "forged-by-a")
+        own = "pihub/host/sat-a/sensor-system/status"
+        publish(broker, passwords, "bridge-sat-a", own, "a")
+        assert retained(broker, passwords, door, mirror, own) == {
+            door: "b", mirror: "online", own: "a"}
+        # nor can the central's outside device with data/#: b's exact topic is denied to it too
+        plug = acl.split("\nuser plug\n", 1)[1].split("\n\n", 1)[0]
+        assert "topic deny pihub/data/sat-b-hall/front_door" in plug.splitlines()
+    finally:
+        broker.stop()
