@@ -56,8 +56,9 @@ lint-python: $(PYTHON) ## ruff and mypy on the pihub package
 lint: lint-python lint-ansible ## Every linter
 
 .PHONY: bench
-bench: $(PYTHON) bench-venv ## Idle memory and time-to-READY of every daemon, as deployed (figures in README)
+bench: $(PYTHON) bench-venv ## Idle memory and time-to-READY of every daemon, and the whole stack's memory, as deployed (figures in README)
 	$(PYTHON) bench/daemon_footprint.py --python $(BENCH_VENV)/bin/python --save
+	$(PYTHON) bench/stack_memory.py --python $(BENCH_VENV)/bin/python --save deployed
 	$(PYTHON) bench/figures.py --write
 
 # The daemons as the Pi runs them: a venv on Debian's python3 with pihub installed (not editable).

@@ -83,8 +83,124 @@ def _one_footprint(data: dict[str, Any], name: str) -> str:
     return text + ".\n"
 
 
+# Which Pi the whole stack fits (bench/stack_memory.py). Assumptions, not measured here: the
+# RAM Linux gets (MemTotal, after the firmware's GPU share: gpu_mem=64 on a Zero 2 W and a
+# Pi 3, 76 MB on a Pi 4) and what an idle Raspberry Pi OS Lite takes of it (kernel, systemd,
+# journald, udev, sshd, NetworkManager, cron, avahi: about 100 MB "used" after boot).
+PI_MODELS = [("Zero 2 W (512 MB)", 420), ("Pi 3 (1 GB)", 920), ("Pi 4/5 (2 GB)", 1900)]
+OS_IDLE_MB = 100
+# Headroom: what is left after the OS and the stack must be at least this share of the RAM Linux
+# gets (the page cache VictoriaMetrics and the RRDs are read through, a journal burst, apt).
+HEADROOM = 0.20
+
+
+def _sum(parts: dict[str, Any], names: list[str], key: str = "stack_pss_kb") -> float:
+    return sum(parts[n][key] for n in names)
+
+
+def stack_memory(data: dict[str, Any], arg: str | None = None) -> str:
+    """README's whole-stack table (every saved run a column, the last one first in detail),
+    and which Pi it fits."""
+    runs = data["runs"]
+    labels = [label for label in ("before", "deployed") if label in runs]
+    now = runs[labels[-1]]
+    parts = now["parts"]
+    daemons = [n for n, r in parts.items() if r["kind"] == "daemon"]
+    services = [n for n, r in parts.items() if r["kind"] == "service"]
+    default_set = services + [n for n in daemons if parts[n].get("example_enabled", True)]
+    pkgs = now.get("packages", {})
+    services_text = ", ".join(f"{p} {pkgs[p]}" if pkgs.get(p) else p
+                              for p in ("victoria-metrics", "mosquitto", "rrdcached"))
+    lines = [f"Measured with `make bench` on {now['date']}: the daemons on {now['python']} "
+             f"(a venv, as deployed) and Debian's {services_text} on {now['machine']}, every "
+             f"part as its role starts it, on loopback; idle {now['idle_s']:.0f} s after "
+             f"the last daemon's READY, per process the median of {now['samples']} samples "
+             f"5 s apart in each of {now.get('runs', 1)} runs. PSS in the stack: each page a "
+             "process has in RAM, divided by the "
+             "number of the stack's processes that have it (from /proc/<pid>/pagemap), so that "
+             "the column sums to the stack's RAM; the kernel's PSS (smaps_rollup) and RSS of "
+             f"the {labels[-1]!r} run for comparison. The example's default set is summed "
+             "from the same run.", ""]
+    head = " | ".join(f"{label}: PSS in the stack" for label in labels)
+    lines += [f"| process | {head} | PSS (smaps_rollup) | RSS |",
+              "| --- |" + " ---: |" * (len(labels) + 2)]
+    for name in sorted(parts, key=lambda n: (-parts[n]["stack_pss_kb"], n)):
+        cells = " | ".join(_mb(runs[label]["parts"][name]["stack_pss_kb"])
+                           if name in runs[label]["parts"] else "" for label in labels)
+        off = "" if parts[name].get("example_enabled", True) else " (off in the example)"
+        lines.append(f"| {name}{off} | {cells} | {_mb(parts[name]['pss_kb'])} | "
+                     f"{_mb(parts[name]['rss_kb'])} |")
+    for title, names in ((f"**whole stack: {len(daemons)} daemons and "
+                          f"{len(services)} services**", list(parts)),
+                         (f"the example's default set ({len(default_set) - len(services)} "
+                          "daemons on)", default_set)):
+        cells = " | ".join(_mb(_sum(runs[label]["parts"], names)) for label in labels)
+        lines.append(f"| {title} | {cells} | {_mb(_sum(parts, names, 'pss_kb'))} | "
+                     f"{_mb(_sum(parts, names, 'rss_kb'))} (summed) |")
+    cuts = _cuts(runs)
+    if cuts:
+        lines += ["", "| cut | where | saved (PSS in the stack, medians) |", "| --- | --- | ---: |"]
+        lines += [f"| {cut} | {where} | {_mb(kb)} |" for cut, where, kb in cuts]
+    full, default = _sum(parts, list(parts)) / 1024, _sum(parts, default_set) / 1024
+    lines += ["", f"Which Pi it fits (assumed, not measured: the RAM Linux gets after the "
+              f"GPU's share, and {OS_IDLE_MB} MB for an idle Raspberry Pi OS Lite; headroom: "
+              f"at least {HEADROOM:.0%} of that RAM left free):", "",
+              f"| Pi | RAM for Linux | left with the whole stack ({full:.0f} MB) | "
+              f"left with the example's default set ({default:.0f} MB) |",
+              "| --- | ---: | ---: | ---: |"]
+    for model, ram in PI_MODELS:
+        cells = []
+        for used in (full, default):
+            left = ram - OS_IDLE_MB - used
+            verdict = ("fits" if left >= HEADROOM * ram else
+                       "fits, headroom under " + f"{HEADROOM:.0%}" if left > 0 else
+                       "does not fit")
+            cells.append(f"{left:.0f} MB: {verdict}")
+        lines.append(f"| {model} | {ram} MB | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines) + "\n"
+
+
+# Runs with one cut left out (bench/stack_memory.py --save LABEL): what that cut saves.
+ABLATIONS = {
+    "deployed without MALLOC_ARENA_MAX": ("`MALLOC_ARENA_MAX=2` in the daemons' unit",
+                                          "daemon"),
+    "deployed with VictoriaMetrics' 60 %": ("`-memory.allowedPercent=10` (VictoriaMetrics' "
+                                            "own default: 60)", "victoria-metrics"),
+}
+
+
+def _cuts(runs: dict[str, Any]) -> list[tuple[str, str, float]]:
+    """(cut, which processes, KB saved): store-rrd's and the notifiers' from before -> deployed
+    (each touches its own processes), the role settings' from a run without them."""
+    out: list[tuple[str, str, float]] = []
+    now = runs.get("deployed")
+    if now is None:
+        return out
+    parts = now["parts"]
+    if "before" in runs:
+        old = runs["before"]["parts"]
+
+        def saved(names: list[str]) -> float:
+            return sum(old[n]["stack_pss_kb"] - parts[n]["stack_pss_kb"] for n in names
+                       if n in old and n in parts)
+        out.append(("store-rrd's rrdtool process ended when unused for 30 s",
+                    "store-rrd and rrdcached", saved(["store-rrd", "rrdcached"])))
+        out.append(("requests imported at the first notification, not at start",
+                    "notify-pushover and notify-ntfy", saved(["notify-pushover", "notify-ntfy"])))
+    for label, (cut, which) in ABLATIONS.items():
+        if label in runs:
+            other = runs[label]["parts"]
+            names = [n for n in parts if (parts[n]["kind"] == "daemon" if which == "daemon"
+                                          else n == which) and n in other]
+            where = f"the {len(names)} daemons" if which == "daemon" else which
+            out.append((cut, where, sum(other[n]["stack_pss_kb"] - parts[n]["stack_pss_kb"]
+                                        for n in names)))
+    return out
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any], str | None], str]] = {
     "daemon_footprint": daemon_footprint,
+    "stack_memory": stack_memory,
 }
 
 

@@ -2,8 +2,8 @@
 """The whole stack's memory: every daemon of the example inventory, Mosquitto, VictoriaMetrics
 and rrdcached, running together, idle, as the roles deploy them.
 
-Each part is started on loopback, as root-less as this machine allows, with what its role
-gives it:
+Each part is started on loopback, as the user who runs the bench (root: the units' users and
+sandboxes are the play's), with what its role gives it:
 
 * VictoriaMetrics: the ``ARGS`` and the environment of roles/timeseries'
   ``/etc/default/victoria-metrics`` template, rendered from the role's defaults (so its memory
@@ -23,16 +23,21 @@ gives it:
 
 After every daemon has sent READY=1, the stack idles (``--idle``, default 60 s: sensor-system's
 first readings go through store-tsdb into VictoriaMetrics and through store-rrd into rrdcached,
-heartbeats flow), then ``/proc/<pid>/smaps_rollup`` of every process (and its children) is read
-``--samples`` times, 5 s apart; per process the median. PSS (proportional set size) counts a
-page shared by N processes as 1/N in each, so the sum of PSS is what the stack takes from RAM;
-RSS, which counts shared pages (the python3 binary, libc, libssl) in every process, is given
-for comparison.
+heartbeats flow); then every process (with its children) is read ``--samples`` times, 5 s apart,
+and the whole stack is started ``--runs`` times (VictoriaMetrics' Go heap is as large as its
+last GC left it); per process the median. Per process:
+
+* PSS in the stack: each page it has in RAM (``/proc/<pid>/pagemap``, root only) divided by
+  the number of the stack's processes that have it. It sums to the stack's distinct pages, what
+  the stack takes from a Pi's RAM; the kernel's PSS would also divide by processes outside the
+  stack (other benches' python3 or victoria-metrics on this machine) and come out too low;
+* PSS and RSS from ``/proc/<pid>/smaps_rollup``, for comparison (RSS counts the shared pages,
+  python3 itself, libc, libssl, in every process); anonymous memory.
 
 Usage: ``python3 bench/stack_memory.py --python .cache/bench-venv/bin/python [--save LABEL]``;
-``make bench`` saves as ``deployed``. ``--env KEY=VALUE`` (the daemons) and ``--vm-arg``
-(VictoriaMetrics) try a cut before it goes into a role; ``--no-unit-env`` leaves out the unit
-template's Environment= lines (the figures before that cut).
+``make bench`` saves as ``deployed``. ``--env KEY=VALUE`` (the daemons), ``--vm-arg=-FLAG=V``
+and ``--vm-env KEY=VALUE`` (VictoriaMetrics) try a cut before it goes into a role;
+``--no-unit-env`` leaves out the unit template's Environment= lines.
 """
 
 from __future__ import annotations
@@ -356,6 +361,9 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
                         raise SystemExit(f"{name} exited with {proc.returncode} while idle")
                     samples[name].append(memory(proc.pid))
                 own, total = stack_pss({n: p.pid for n, p in procs.items()})
+                if not total:  # no pagemap frames (not root): the kernel's PSS instead
+                    own = {n: samples[n][-1]["pss_kb"] for n in procs}
+                    total = sum(own.values())
                 distinct.append(total)
                 for name, kb in own.items():
                     samples[name][-1]["stack_pss_kb"] = kb
@@ -386,7 +394,9 @@ def main() -> int:
     parser.add_argument("--python", required=True,
                         help="interpreter with pihub installed (make bench: .cache/bench-venv)")
     parser.add_argument("--idle", type=float, default=60.0, help="seconds idle after READY")
-    parser.add_argument("--samples", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=3, help="per run, 5 s apart")
+    parser.add_argument("--runs", type=int, default=3,
+                        help="the stack started this many times; per process the median")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="more environment for every daemon (to try a cut)")
     parser.add_argument("--vm-arg", action="append", default=[],
@@ -403,9 +413,17 @@ def main() -> int:
     exe, env = fp.run_env(args.python)
     version = subprocess.run([exe, "--version"], capture_output=True, text=True,
                              env=env).stdout.strip()
-    vm = subprocess.run(["/usr/bin/victoria-metrics", "-version"], capture_output=True,
-                        text=True).stdout.strip()
-    parts, distinct = run(args)
+    packages = {}
+    for package in ("victoria-metrics", "mosquitto", "rrdcached"):  # Debian's, as the roles'
+        packages[package] = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", package],
+                                           capture_output=True, text=True).stdout.strip()
+    # Go's heap (VictoriaMetrics) is as large as the last GC left it: medians over runs
+    results = [run(args) for _ in range(args.runs)]
+    parts = {name: {key: (int(statistics.median(r[0][name][key] for r in results))
+                          if isinstance(value, int) and not isinstance(value, bool) else value)
+                    for key, value in row.items()}
+             for name, row in results[0][0].items()}
+    distinct = int(statistics.median(r[1] for r in results))
     print("| process | threads | PSS in the stack | PSS | RSS | anonymous |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, r in sorted(parts.items(), key=lambda kv: -kv[1]["stack_pss_kb"]):
@@ -422,9 +440,9 @@ def main() -> int:
                                 capture_output=True, text=True).stdout.strip()
         data["runs"][args.save] = {
             "date": time.strftime("%Y-%m-%d"), "commit": commit, "python": version,
-            "victoria_metrics": vm.split(",")[0] if vm else "",
+            "packages": packages,
             "machine": f"{os.cpu_count()}-core {os.uname().machine}",
-            "idle_s": args.idle, "samples": args.samples, "note": args.note
+            "idle_s": args.idle, "samples": args.samples, "runs": args.runs, "note": args.note
             or data["runs"].get(args.save, {}).get("note", ""),
             "env": args.env, "vm_args": args.vm_arg, "vm_env": args.vm_env,
             "unit_env": not args.no_unit_env,
