@@ -16,7 +16,7 @@ reached they go straight into the file too. Files are created with ``rrdtool cre
 through rrdcached, which only learns a file once it exists). Direct writes and creations use one
 ``rrdtool -`` process (rrdtool's pipe mode): no compiled Python binding. It is started when
 needed and ended once unused for ``RRDTOOL_IDLE_S``: with rrdcached up it is needed only for a
-new series, and an idle rrdtool would hold about 5 MB of the Pi's RAM for nothing.
+new series, and an idle rrdtool would hold RAM for nothing (README: Measured).
 
 An update that is not newer than the file's last one (a retained message delivered again, a
 sensor whose clock went back) is counted as ``stale`` and logged at debug level. A file that cannot
