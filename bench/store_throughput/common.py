@@ -45,17 +45,18 @@ def status_kb(pid: int, key: str) -> int:
     return 0
 
 
-def start_daemon(name: str, config: dict[str, Any],
-                 work: Path) -> tuple[subprocess.Popen[bytes], IO[bytes]]:
-    """``pihub-<name>`` from this source tree with ``config``, once it logs that it is ready.
+def start_daemon(name: str, config: dict[str, Any], work: Path, *, src: str | None = None,
+                 label: str | None = None) -> tuple[subprocess.Popen[bytes], IO[bytes]]:
+    """``pihub-<name>`` from this source tree (or the pihub package in ``src``) with
+    ``config``, once it logs that it is ready; its files in ``work`` are named ``label``.
 
     Returns the process and its open log file, for :func:`stop_daemon`.
     """
-    conf = work / f"{name}.yml"
+    conf = work / f"{label or name}.yml"
     conf.write_text(yaml.safe_dump(config))
-    log_path = work / f"{name}.log"
+    log_path = work / f"{label or name}.log"
     # BENCH_PIHUB_SRC: another tree's pihub package (an older commit's, to compare with)
-    src = os.environ.get("BENCH_PIHUB_SRC") or str(REPO / "files" / "daemons" / "src")
+    src = src or os.environ.get("BENCH_PIHUB_SRC") or str(REPO / "files" / "daemons" / "src")
     env = {**os.environ, "PYTHONPATH": src}
     log = open(log_path, "wb")  # noqa: SIM115 (open for the daemon's life)
     proc = subprocess.Popen([sys.executable, "-m", "pihub.daemons." + name.replace("-", "_"),

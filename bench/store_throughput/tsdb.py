@@ -9,9 +9,10 @@ process, then:
 * ``--compare R``: the same backlog drained by the daemon and by a bare paho + influxdb-client
   consumer (bare_consumer.py: the least a consumer that acknowledges after storing can spend),
   both running side by side on the same broker and DB, each given ``-n`` measurements in turn,
-  R rounds, the order alternating; reports each one's CPU microseconds per message and
-  measurements/s (first publish until all queryable), the medians and the ratio; ``--save``
-  writes them to bench/results/store_tsdb.json;
+  R rounds, each consumer first in turn; reports each one's CPU microseconds per message and
+  measurements/s (first publish until all queryable), the medians and the ratio to the bare
+  consumer; ``--before-src DIR`` adds the daemon of another tree (an older commit's) as a third;
+  ``--save`` writes them to bench/results/store_tsdb.json;
 * ``--outage S``: publishes at ``--rate`` per second for ``--duration`` seconds, stops
   VictoriaMetrics for S seconds in the middle, and reports how many points were lost and how
   many were stored twice, each counted on its own over distinct (series, timestamp) points: a
@@ -20,6 +21,8 @@ process, then:
     python3 bench/store_throughput/tsdb.py                 # 100000 as fast as possible
     python3 bench/store_throughput/tsdb.py --outage 60     # 1000/s, 60 s without the DB
     python3 bench/store_throughput/tsdb.py --compare 7 --save   # the daemon vs a bare consumer
+    git archive ca9afe3 files/daemons/src | tar -x -C /tmp/before   # ... and vs an older commit:
+    python3 bench/store_throughput/tsdb.py --compare 7 --before-src /tmp/before/files/daemons/src
 
 Targets (issue 5): >= 20,000 measurements/s, peak RSS < 60 MB; zero loss across a 60 s DB
 outage at 1,000 measurements/s. Issue 19: CPU per message within 1.15x of the bare consumer's.
@@ -176,6 +179,9 @@ def main() -> int:
     ap.add_argument("--compare", type=int, default=0, metavar="ROUNDS",
                     help="the daemon against a bare paho + influxdb-client consumer, ROUNDS "
                     "rounds of -n measurements each")
+    ap.add_argument("--before-src", metavar="DIR",
+                    help="--compare: a third consumer, the daemon from the pihub package in DIR "
+                    "(e.g. an older commit's files/daemons/src, from git archive)")
     ap.add_argument("--save", action="store_true",
                     help=f"--compare: write the figures to {RESULT.relative_to(REPO)}")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -202,9 +208,16 @@ def main() -> int:
         config["heartbeat_interval"] = 5
     daemon, log = start_daemon("store-tsdb", config, work)
     pub = bare = None
+    before: tuple[subprocess.Popen[bytes], Any] | None = None
     try:
         if args.compare:
             bare = start_bare(port, vm.url, args.batch_size, work)
+            if args.before_src:
+                before = start_daemon("store-tsdb", {
+                    **config, "topic_root": "before", "host_tag": "store-tsdb-before",
+                    "spool_dir": str(work / "state-before"),
+                    "mqtt": {**config["mqtt"], "client_id": "store-tsdb-before"},
+                }, work, src=args.before_src, label="store-tsdb-before")
         pub = Publisher(port, root)
         rss_idle = status_kb(daemon.pid, "VmRSS")
         cpu0 = cpu_seconds(daemon.pid)
@@ -217,8 +230,11 @@ def main() -> int:
             time.sleep(1)  # py-spy attaches
         if args.compare:
             assert bare is not None
-            report = compare_run(n, args.compare, pub, vm, {"store-tsdb": daemon.pid,
-                                                           "bare": bare.pid})
+            pids = {"store-tsdb": daemon.pid, "bare": bare.pid}
+            if before is not None:
+                pids["store-tsdb-before"] = before[0].pid
+            report = compare_run(n, args.compare, pub, vm, pids)
+            report["before_src"] = args.before_src
         else:
             report = throughput_run(n, pub, vm, base)
         if spy is not None:
@@ -242,6 +258,8 @@ def main() -> int:
     finally:
         if pub is not None:
             pub.close()
+        if before is not None:
+            stop_daemon(*before)
         if bare is not None:
             bare.terminate()  # it keeps nothing: SIGTERM's default ends it at once
             try:
@@ -304,13 +322,14 @@ def vm_sum(vm: VictoriaMetrics, selector: str) -> int:
 def compare_run(n: int, rounds: int, pub: Publisher, vm: VictoriaMetrics,
                 pids: dict[str, int]) -> dict[str, Any]:
     """Each round gives each consumer ``n`` measurements of its own (its topic root, and
-    quantities named after the round: new series every round for both), the order alternating;
+    quantities named after the round: new series every round for each), each first in turn;
     measures its process's CPU and the time from the first publish until all are queryable."""
-    roots = {"store-tsdb": pub.root, "bare": "bare"}
+    roots = {"store-tsdb": pub.root, "bare": "bare", "store-tsdb-before": "before"}
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in pids}
     base = time.time() - 7200
     for r in range(rounds):
-        order = list(pids) if r % 2 == 0 else list(reversed(pids))
+        names = list(pids)
+        order = names[r % len(names):] + names[:r % len(names)]  # each one first in turn
         for name in order:
             topics = [f"{roots[name]}/data/loc{k // 10}/r{r}q{k % 10}".encode()
                       for k in range(SERIES)]
@@ -333,14 +352,19 @@ def compare_run(n: int, rounds: int, pub: Publisher, vm: VictoriaMetrics,
     medians = {name: {key: round(statistics.median(run[key] for run in rs), 1)
                       for key in ("cpu_us_per_msg", "measurements_per_s")}
                for name, rs in runs.items()}
-    ratio = [a["cpu_us_per_msg"] / b["cpu_us_per_msg"]
-             for a, b in zip(runs["store-tsdb"], runs["bare"], strict=True)]
+    daemons = [name for name in pids if name != "bare"]
+    ratios = {name: [a["cpu_us_per_msg"] / b["cpu_us_per_msg"]
+                     for a, b in zip(runs[name], runs["bare"], strict=True)]
+              for name in daemons}
     return {
         "mode": "compare", "measurements_per_round": n, "rounds": rounds,
         "series_per_round": SERIES, "median": medians,
-        "cpu_ratio_of_medians": round(medians["store-tsdb"]["cpu_us_per_msg"]
-                                      / medians["bare"]["cpu_us_per_msg"], 3),
-        "cpu_ratio_median_of_rounds": round(statistics.median(ratio), 3),
+        # CPU per message against the bare consumer's
+        "cpu_ratio_of_medians": {name: round(medians[name]["cpu_us_per_msg"]
+                                             / medians["bare"]["cpu_us_per_msg"], 3)
+                                 for name in daemons},
+        "cpu_ratio_median_of_rounds": {name: round(statistics.median(ratios[name]), 3)
+                                       for name in daemons},
         "rounds_detail": runs,
         "cpus": os.cpu_count(), "machine": os.uname().machine,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
