@@ -227,8 +227,11 @@ class StoreTsdb(Daemon[Config]):
         self.seen_ts = dict(self.stored_ts)  # the handler's view, includes points in flight
         self.host_tag = _escape_tag(cfg.host_tag or self.host)
         self._prefixes: dict[str, str] = {}
-        self._cond = threading.Condition()
+        # a plain Lock under the Condition: the handler enters it per message, at C speed
+        self._pending_lock = threading.Lock()
+        self._cond = threading.Condition(self._pending_lock)
         self._pending: list[Entry] = []
+        self._high_water = 2 * cfg.batch_size  # batch_size needs a restart (not in reload)
         self._first_at = self._last_at = 0.0
         self._closing = False
         self._state_lock = threading.Lock()
@@ -330,13 +333,14 @@ class StoreTsdb(Daemon[Config]):
         its line-protocol prefix) is cached per topic.
         """
         topic = msg.topic
+        cfg = self.config
         prefix = self._prefixes.get(topic)
         cached = prefix is not None
         if prefix is None:
             location, quantity = self.topics.split(topic, "data", 2)
             prefix = f"{quantity},location={location},host={self.host_tag} value="
-        if topic not in self.seen_ts and len(self.seen_ts) >= self.config.max_series:
-            self.refuse_new_series(topic, self.config.max_series)
+        if topic not in self.seen_ts and len(self.seen_ts) >= cfg.max_series:
+            self.refuse_new_series(topic, cfg.max_series)
             msg.ack()
             return
         if not cached:
@@ -344,9 +348,9 @@ class StoreTsdb(Daemon[Config]):
                 self._prefixes.clear()
             self._prefixes[topic] = prefix
         value, _unit, ts = measurement_fields(decode_measurement(msg.payload, topic), topic)
-        if ts > time.time() + self.config.max_ts_ahead:
+        if ts > time.time() + cfg.max_ts_ahead:
             raise Reject(f"payload on {topic}: 'ts' {ts!r} is more than "
-                         f"{self.config.max_ts_ahead:g} s ahead of this host's clock "
+                         f"{cfg.max_ts_ahead:g} s ahead of this host's clock "
                          "(expected UNIX seconds)")
         last = self.seen_ts.get(topic)
         if last is not None and (ts == last or (msg.retain and ts < last)):
@@ -358,18 +362,19 @@ class StoreTsdb(Daemon[Config]):
         self.seen_ts[topic] = ts
         line = f"{prefix}{float(value)!r} {round(ts * 1000)}"
         mid = msg.mid if msg.qos else 0
-        cfg = self.config
-        with self._cond:
+        with self._pending_lock:  # the Condition's lock
+            pending = self._pending
             # bounded memory: wait while the writer is behind by two batches
-            while len(self._pending) >= 2 * cfg.batch_size and not self._closing:
+            while len(pending) >= self._high_water and not self._closing:
                 self._cond.wait(1.0)
+                pending = self._pending
             mono = time.monotonic()
-            if not self._pending:
+            if not pending:
                 self._first_at = mono
                 self._cond.notify()
             self._last_at = mono
-            self._pending.append((line, mid, topic, ts))
-            if len(self._pending) == cfg.batch_size:
+            pending.append((line, mid, topic, ts))
+            if len(pending) == cfg.batch_size:
                 self._cond.notify()
 
     # ------------------------------------------------------------------ the writer thread
