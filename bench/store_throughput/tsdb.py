@@ -20,9 +20,9 @@ process, then:
 
     python3 bench/store_throughput/tsdb.py                 # 100000 as fast as possible
     python3 bench/store_throughput/tsdb.py --outage 60     # 1000/s, 60 s without the DB
-    python3 bench/store_throughput/tsdb.py --compare 7 --save   # the daemon vs a bare consumer
+    python3 bench/store_throughput/tsdb.py --compare 9 --save   # the daemon vs a bare consumer
     git archive ca9afe3 files/daemons/src | tar -x -C /tmp/before   # ... and vs an older commit:
-    python3 bench/store_throughput/tsdb.py --compare 7 --before-src /tmp/before/files/daemons/src
+    python3 bench/store_throughput/tsdb.py --compare 9 --before-src /tmp/before/files/daemons/src
 
 Targets (issue 5): >= 20,000 measurements/s, peak RSS < 60 MB; zero loss across a 60 s DB
 outage at 1,000 measurements/s. Issue 19: CPU per message within 1.15x of the bare consumer's.
