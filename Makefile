@@ -28,6 +28,7 @@ test: setup ## Set up, then every test: unit tests, linters, the fresh-machine s
 	$(MAKE) lint
 	$(MAKE) test-fresh-machine
 	$(MAKE) molecule
+	$(MAKE) molecule-fleet
 	$(MAKE) molecule-raspberrypi
 
 .PHONY: test-all
