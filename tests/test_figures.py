@@ -38,3 +38,48 @@ def test_the_budget_sentence_counts_what_the_table_shows() -> None:
         in text
     assert "READY within 300 ms (the slowest: b)" in text
     assert text.index("| a |") < text.index("| b |") < text.index("| web |")  # by RSS
+
+
+def test_readme_shows_the_stack_memory_block() -> None:
+    text = (figures.REPO / "README.md").read_text()
+    assert "<!-- figures: stack_memory -->" in text
+
+
+def _stack_run(pss_mb: dict[str, float]) -> dict[str, object]:
+    parts = {}
+    for name, mb in pss_mb.items():
+        kind = "service" if name in ("mosquitto", "victoria-metrics") else "daemon"
+        row: dict[str, object] = {"stack_pss_kb": int(mb * 1024), "pss_kb": int(mb * 1024),
+                                  "rss_kb": int(mb * 1024) + 9 * 1024, "anon_kb": 0,
+                                  "threads": 2, "kind": kind}
+        if kind == "daemon":
+            row["example_enabled"] = name != "notify-email"
+        parts[name] = row
+    return {"date": "2026-12-05", "python": "Python 3.11.2", "machine": "2-core x86_64",
+            "packages": {"victoria-metrics": "1.79.5"}, "idle_s": 60, "samples": 3, "runs": 3,
+            "parts": parts}
+
+
+def test_the_stack_table_sums_every_process_and_the_example_default_set() -> None:
+    before = _stack_run({"mosquitto": 3, "victoria-metrics": 20, "store-rrd": 20,
+                         "notify-email": 17})
+    after = _stack_run({"mosquitto": 3, "victoria-metrics": 20, "store-rrd": 15,
+                        "notify-email": 17})
+    text = figures.stack_memory({"runs": {"before": before, "deployed": after}})
+    assert "| before: PSS in the stack | deployed: PSS in the stack |" in text
+    assert "| store-rrd | 20.0 MB | 15.0 MB |" in text
+    assert "| notify-email (off in the example) |" in text
+    assert "| **whole stack: 2 daemons and 2 services** | 60.0 MB | 55.0 MB |" in text
+    assert "| the example's default set (1 daemons on) | 43.0 MB | 38.0 MB |" in text
+
+
+def test_which_pi_the_stack_fits_follows_from_the_figures() -> None:
+    small = figures.stack_memory({"runs": {"deployed": _stack_run({"mosquitto": 100})}})
+    ram = figures.PI_MODELS[0][1]  # the smallest Pi
+    left = ram - figures.OS_IDLE_MB - 100
+    assert f"| {figures.PI_MODELS[0][0]} | {ram} MB | {left:.0f} MB: fits |" in small
+    huge = figures.stack_memory({"runs": {"deployed": _stack_run({"mosquitto": 2000})}})
+    assert "does not fit" in huge.splitlines()[-1]  # the largest Pi listed, too
+    tight = ram - figures.OS_IDLE_MB - (figures.HEADROOM * ram) / 2
+    mid = figures.stack_memory({"runs": {"deployed": _stack_run({"mosquitto": tight})}})
+    assert "fits, headroom under" in mid
