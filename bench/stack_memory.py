@@ -45,10 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import shlex
-import signal
-import socket
 import statistics
 import struct
 import subprocess
@@ -58,184 +54,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import jinja2
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import daemon_footprint as fp
+from stack import REPO, example_daemons, start_stack, stop, tree
 
-REPO = Path(__file__).resolve().parent.parent
-ROLES = REPO / "roles"
-INVENTORY = REPO / "inventory" / "example" / "group_vars" / "pihub" / "main.yml"
 RESULTS = REPO / "bench" / "results" / "stack_memory.json"
-TSDB_PASSWORD = "bench-tsdb-password-0123456789"
-
-
-def role_defaults(role: str) -> dict[str, Any]:
-    return yaml.safe_load((ROLES / role / "defaults" / "main.yml").read_text()) or {}
-
-
-def render(role: str, template: str, variables: dict[str, Any], strict: bool = True) -> str:
-    """ROLE's TEMPLATE as the play renders it (strict: a variable missing here is an error;
-    otherwise it renders as empty and false, for settings that need the whole inventory)."""
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined if strict
-                             else jinja2.ChainableUndefined, keep_trailing_newline=True)
-    env.filters["comment"] = lambda text: "# " + str(text)
-    env.filters["ternary"] = lambda value, yes, no: yes if value else no
-    env.filters["bool"] = lambda value: (str(value).lower() in ("true", "yes", "on", "1")
-                                         if isinstance(value, str) else bool(value))
-    env.filters["regex_replace"] = lambda value, pattern, repl: re.sub(pattern, repl, value)
-    return env.from_string((ROLES / role / "templates" / template).read_text()).render(
-        ansible_managed="Ansible managed", **variables)
-
-
-def example_daemons() -> list[dict[str, Any]]:
-    """The example inventory's pihub_daemons: name and enabled (the Jinja in them unrendered)."""
-    entries = yaml.safe_load(INVENTORY.read_text())["pihub_daemons"]
-    return [{"name": e["name"], "enabled": e.get("enabled", True)} for e in entries]
-
-
-def unit_environment(name: str) -> dict[str, str]:
-    """The Environment= lines roles/pihub's unit template gives daemon NAME."""
-    defaults = role_defaults("pihub")
-    text = render("pihub", "daemon.service.j2", {
-        "item": {"name": name}, "pihub_heartbeat_interval": defaults["pihub_heartbeat_interval"],
-        "pihub_mqtt_host": defaults["pihub_mqtt_host"], "pihub_timeseries_address": "127.0.0.2",
-        "pihub_venv": "/opt/pihub/venv", "base_pihub_config_dir": "/etc/pihub",
-        "base_pihub_group": "pihub", "pihub_restart_sec": defaults["pihub_restart_sec"],
-        "pihub_start_timeout": defaults["pihub_start_timeout"],
-        "pihub_watchdog_heartbeats": defaults["pihub_watchdog_heartbeats"]})
-    env = {}
-    for line in text.splitlines():
-        if line.startswith("Environment="):
-            for word in shlex.split(line[len("Environment="):]):
-                key, _, value = word.partition("=")
-                env[key] = value
-    return env
-
-
-def wait_port(host: str, port: int, what: str, proc: subprocess.Popen[bytes],
-              timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{what} exited with {proc.returncode}")
-        try:
-            socket.create_connection((host, port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"{what} did not listen on {host}:{port} within {timeout:.0f} s")
-
-
-def start_mosquitto(work: Path) -> tuple[subprocess.Popen[bytes], int]:
-    port = fp.free_port()
-    variables = {**role_defaults("mosquitto"),
-                 "mosquitto_listeners": [{"port": port, "address": "127.0.0.1"}]}
-    conf = [line for line in render("mosquitto", "pihub.conf.j2", variables,
-                                            strict=False).splitlines()
-            if not line.startswith(("password_file", "acl_file", "allow_anonymous"))]
-    (work / "mosquitto").mkdir()
-    conf += ["allow_anonymous true", f"persistence_location {work / 'mosquitto'}/",
-             *(["user root"] if os.geteuid() == 0 else [])]
-    (work / "mosquitto.conf").write_text("\n".join(conf) + "\n")
-    proc = subprocess.Popen(["/usr/sbin/mosquitto", "-c", str(work / "mosquitto.conf")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_port("127.0.0.1", port, "mosquitto", proc)
-    return proc, port
-
-
-def start_victoria(work: Path, extra: list[str],
-                   extra_env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
-    port = fp.free_port()
-    variables = {**role_defaults("timeseries"), "timeseries_data_path": str(work / "vm"),
-                 "timeseries_listen_address": f"127.0.0.2:{port}",
-                 "timeseries_http_password": TSDB_PASSWORD,
-                 "timeseries_delete_auth_key": "bench-delete-key-0123456789"}
-    env = {**os.environ, **extra_env}
-    args: list[str] = []
-    for line in render("timeseries", "victoria-metrics.default.j2", variables).splitlines():
-        if re.match(r"^[A-Za-z_]+=", line):
-            key, _, value = line.partition("=")
-            value = shlex.split(value)[0]
-            if key == "ARGS":
-                args = shlex.split(value)
-            else:
-                env[key] = value
-    # Debian's unit: ExecStart=/usr/bin/victoria-metrics $ARGS, LimitNOFILE=65536
-    proc = subprocess.Popen(["/usr/bin/victoria-metrics", *args, *extra], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_port("127.0.0.2", port, "victoria-metrics", proc)
-    return proc, f"http://127.0.0.2:{port}"
-
-
-def start_rrdcached(work: Path) -> tuple[subprocess.Popen[bytes], Path, Path]:
-    import grp
-    rrd_dir, journal, sock = work / "rrd", work / "rrd-journal", work / "rrdcached.sock"
-    rrd_dir.mkdir()
-    journal.mkdir()
-    variables = {**role_defaults("rrd"), "rrd_dir": str(rrd_dir),
-                 "rrd_cached_journal_dir": str(journal), "rrd_cached_socket": str(sock),
-                 "rrd_group": grp.getgrgid(os.getgid()).gr_name, "rrd_cached_user": "root"}
-    unit = render("rrd", "rrdcached.service.j2", variables)
-    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
-    argv = shlex.split(exec_start[len("ExecStart="):].replace("/run/rrdcached/rrdcached.pid",
-                                                                  str(work / "rrdcached.pid")))
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 15
-    while not sock.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"rrdcached did not make its socket ({' '.join(argv)})")
-        time.sleep(0.1)
-    return proc, rrd_dir, sock
-
-
-def fake_w1(root: Path, config: dict[str, Any]) -> None:
-    """DS18B20 stand-ins: devices/<id>/w1_slave as the kernel's w1_therm shows them."""
-    for i, sensor in enumerate(config.get("sensors", [])):
-        dev = root / "devices" / sensor["id"]
-        dev.mkdir(parents=True, exist_ok=True)
-        milli = 21500 + 250 * i
-        (dev / "w1_slave").write_text(
-            "50 01 4b 46 7f ff 0c 10 1c : crc=1c YES\n"
-            f"50 01 4b 46 7f ff 0c 10 1c t={milli}\n")
-
-
-def daemon_config(module: str, port: int, work: Path, python: str, vm_url: str,
-                  rrd_dir: Path, rrd_sock: Path) -> Path:
-    path = fp.config_for(module, port, work, python)
-    data = yaml.safe_load(path.read_text())
-    secret = work / "tsdb_password"
-    secret.write_text(TSDB_PASSWORD + "\n")
-    if module.endswith(".store_tsdb"):
-        data.update(url=vm_url, username="pihub", password_file=str(secret))
-    elif module.endswith(".web"):
-        data["tsdb"] = {**data.get("tsdb", {}), "url": vm_url, "username": "pihub",
-                        "password_file": str(secret)}
-    elif module.endswith(".store_rrd"):
-        data.update(rrd_dir=str(rrd_dir), rrdcached_socket=f"unix:{rrd_sock}")
-    elif module.endswith(".sensor_onewire"):
-        fake_w1(Path(data["w1_root"]), data)
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def tree(pid: int) -> list[int]:
-    """PID and its descendants."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children.get(p, [])
-    return out
 
 
 def memory(pid: int) -> dict[str, int]:
@@ -303,53 +126,12 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     with tempfile.TemporaryDirectory(prefix="pihub-stack-") as tmp:
         work = Path(tmp)
         procs: dict[str, subprocess.Popen[bytes]] = {}
-        logs = []
         try:
-            procs["mosquitto"], port = start_mosquitto(work)
-            procs["victoria-metrics"], vm_url = start_victoria(
-                work, args.vm_arg, dict(kv.split("=", 1) for kv in args.vm_env))
-            procs["rrdcached"], rrd_dir, rrd_sock = start_rrdcached(work)
-            names = fp.daemons()
+            start_stack(work, python, env=extra_env, unit_env=not args.no_unit_env,
+                        vm_args=args.vm_arg,
+                        vm_env=dict(kv.split("=", 1) for kv in args.vm_env), procs=procs)
             entries = example_daemons()
-            sock_path = work / "notify.sock"
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            sock.bind(str(sock_path))
-            sock.settimeout(1)
-            pending = {}
-            for entry in entries:
-                name = entry["name"]
-                dwork = work / name
-                dwork.mkdir()
-                (dwork / "state").mkdir()
-                cfg = daemon_config(names[name], port, dwork, python, vm_url, rrd_dir,
-                                    rrd_sock)
-                unit_env = {} if args.no_unit_env else unit_environment(name)
-                exe, env = fp.run_env(python, {**unit_env, **extra_env,
-                                               "NOTIFY_SOCKET": str(sock_path),
-                                               "STATE_DIRECTORY": str(dwork / "state")})
-                log = open(dwork / "daemon.log", "wb")  # noqa: SIM115 - closed below
-                logs.append(log)
-                procs[name] = subprocess.Popen([exe, "-m", names[name], "--config", str(cfg)],
-                                               stdout=log, stderr=subprocess.STDOUT, env=env,
-                                               cwd=dwork)
-                pending[procs[name].pid] = name
-            # READY=1 comes from the daemon's main pid; the datagram does not say which, so
-            # count them: every daemon sends exactly one.
-            deadline = time.monotonic() + 60
-            ready = 0
-            while ready < len(pending) and time.monotonic() < deadline:
-                try:
-                    if "READY=1" in sock.recv(4096).decode():
-                        ready += 1
-                except TimeoutError:
-                    pass
-                dead = [n for n in pending.values() if procs[n].poll() is not None]
-                if dead:
-                    tails = {n: (work / n / "daemon.log").read_text()[-300:] for n in dead}
-                    raise SystemExit(f"exited before READY: {tails}")
-            if ready < len(pending):
-                raise SystemExit(f"only {ready} of {len(pending)} daemons READY within 60 s")
-            print(f"{len(pending)} daemons READY; idle {args.idle:.0f} s", flush=True)
+            print(f"{len(entries)} daemons READY; idle {args.idle:.0f} s", flush=True)
             time.sleep(args.idle)  # a benchmark: let the stack settle into its idle state
             samples: dict[str, list[dict[str, int]]] = {n: [] for n in procs}
             distinct = []
@@ -378,15 +160,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
                 parts[name] = row
             return parts, int(statistics.median(distinct))
         finally:
-            for proc in procs.values():
-                proc.send_signal(signal.SIGTERM)
-            for proc in procs.values():
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-            for log in logs:
-                log.close()
+            stop(procs)
 
 
 def main() -> int:
