@@ -198,6 +198,11 @@ def daemon_config(module: str, port: int, work: Path, python: str, vm_url: str,
         data.pop("log_level", None)
         data.update(example_config(as_example))
         data.update(fp.OFF_PI.get(module, {}))  # simulated GPIO
+        if module.endswith(".sensor_system"):  # this machine's own /proc and /sys, as on a Pi
+            example = yaml.safe_load(subprocess.run(
+                [python, "-m", module, "--print-config-example"], capture_output=True,
+                text=True, check=True).stdout)
+            data.update({k: v for k, v in example.items() if k.endswith("_root")})
     secret = work / "tsdb_password"
     secret.write_text(TSDB_PASSWORD + "\n")
     if module.endswith(".store_tsdb"):
