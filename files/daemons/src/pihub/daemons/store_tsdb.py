@@ -57,6 +57,11 @@ from pihub.topics import Reject, decode_measurement, measurement_fields
 
 DEFAULT_STATE_DIR = "/var/lib/pihub-store-tsdb"  # what state_directory() falls back to
 MAX_SERIES_CACHED = 10000
+# Seconds between two saves of last_ts.json while data flows (and once at stop). Each save is a
+# new file, fsync'd with its directory: every 5 s that was most of the daemon's SD-card writes
+# (bench/sd_writes.py). A power cut loses at most this much of it, which costs one retained value
+# per topic written again with the same time and value (VictoriaMetrics' dedup keeps one).
+STATE_SAVE_S = 300.0
 COUNTERS = ("written", "spooled", "replayed", "spool_full_dropped", "db_rejected",
             "db_unavailable", "duplicates", "series_refused")
 
@@ -270,7 +275,8 @@ class StoreTsdb(Daemon[Config]):
         self._writer = threading.Thread(target=self._write_loop, name="writer", daemon=True)
         self._writer.start()
         self.subscribe(self.topics.sub("data", "#"), self._on_message)
-        self.every(5.0, self._save_state, first_in=5.0, name="save-state")
+        self.every(STATE_SAVE_S, self._save_state, first_in=STATE_SAVE_S,
+                   name="save-state")
 
     def shutdown(self) -> None:
         with self._cond:
