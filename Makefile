@@ -110,6 +110,18 @@ molecule-fleet: $(PYTHON) image ## Molecule fleet: a central and two satellites 
 	  | tar -C $(MOLECULE_FLEET_PACKAGE_SOURCE) -xf -
 	PIHUB_MOLECULE_PACKAGE_SOURCE=$(abspath $(MOLECULE_FLEET_PACKAGE_SOURCE)) molecule test -s fleet
 
+# Backup and restore (issue 18): two stand-ins, data written on A, backed up with
+# playbooks/backup.yml, restored onto B with playbooks/restore.yml, compared (molecule/backup/);
+# its own copy of files/daemons, as above.
+MOLECULE_BACKUP_PACKAGE_SOURCE ?= .cache/molecule-backup-package-source
+.PHONY: molecule-backup
+molecule-backup: $(PYTHON) image ## Molecule backup: data on stand-in A, backup.yml, restore.yml onto B, the same points and RRD rows on both
+	rm -rf $(MOLECULE_BACKUP_PACKAGE_SOURCE) && mkdir -p $(MOLECULE_BACKUP_PACKAGE_SOURCE)
+	tar -C files/daemons --exclude=__pycache__ --exclude=*.egg-info --exclude=build \
+	  --exclude=.mypy_cache --exclude=.ruff_cache --exclude=.pytest_cache -cf - . \
+	  | tar -C $(MOLECULE_BACKUP_PACKAGE_SOURCE) -xf -
+	PIHUB_MOLECULE_PACKAGE_SOURCE=$(abspath $(MOLECULE_BACKUP_PACKAGE_SOURCE)) molecule test -s backup
+
 # --- Your Pi ------------------------------------------------------------------------------
 # make inventory NAME=home HOST=192.168.1.20 [SSH_USER=pi], then make pi-check / make pi.
 SSH_USER ?= pi
@@ -134,6 +146,19 @@ pi: ## Provision your Pi with playbooks/site.yml, INVENTORY=inventory/NAME
 	@test -f $(INVENTORY)/hosts.yml || { echo "no $(INVENTORY)/hosts.yml: make inventory NAME=... HOST=... first" >&2; exit 64; }
 	scripts/setup.sh pi
 	$(PLAY)
+
+# Backup and restore (docs/provisioning.md, "Backup and restore"): archives land in
+# $(INVENTORY)/backups/<host>/ (gitignored); make restore ARCHIVE=<one of them> [HOST=<host>].
+.PHONY: backup
+backup: ## Back up every hub of INVENTORY to INVENTORY/backups/<host>/ (data keeps flowing)
+	@test -f $(INVENTORY)/hosts.yml || { echo "no $(INVENTORY)/hosts.yml: make backup INVENTORY=inventory/NAME" >&2; exit 64; }
+	ansible-playbook -i $(INVENTORY) playbooks/backup.yml --vault-password-file $(VAULT_PASS)
+
+.PHONY: restore
+restore: ## Restore ARCHIVE onto a hub of INVENTORY provisioned with make pi (HOST= when it has several)
+	@test -f $(INVENTORY)/hosts.yml -a -n "$(ARCHIVE)" || { echo "usage: make restore INVENTORY=inventory/NAME ARCHIVE=inventory/NAME/backups/<host>/pihub-....tar.gz [HOST=<host>]" >&2; exit 64; }
+	ansible-playbook -i $(INVENTORY) playbooks/restore.yml --vault-password-file $(VAULT_PASS) \
+	  -e pihub_restore_archive=$(abspath $(ARCHIVE)) $(if $(HOST),-l $(HOST))
 
 .PHONY: demo
 demo: ## Set up, then the whole hub live in a stand-in Pi container (stays up; stop command printed)
