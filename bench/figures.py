@@ -198,9 +198,66 @@ def _cuts(runs: dict[str, Any]) -> list[tuple[str, str, float]]:
     return out
 
 
+# The goal of issue 18: bytes written to the SD card per hour per sensor series stored.
+SD_GOAL_PER_SERIES = 1_000_000
+
+
+def _kb(n: float) -> str:
+    return f"{n / 1000:,.0f} KB"
+
+
+def sd_writes(data: dict[str, Any], arg: str | None = None) -> str:
+    """README's SD card table: per process what reaches the block layer per hour in every saved
+    run (before first), journald's assumed share, the whole and per sensor series."""
+    runs = data["runs"]
+    labels = sorted(runs, key=lambda label: (label != "before", label != "after"))
+    final_label = "after" if "after" in runs else labels[-1]
+    last = runs[final_label]
+    pkgs = last.get("packages", {})
+    services_text = ", ".join(f"{p} {pkgs[p]}" if pkgs.get(p) else p
+                              for p in ("victoria-metrics", "mosquitto", "rrdcached"))
+    lines = [f"Measured with `bench/sd_writes.py` on {last['date']}: the example's default "
+             f"set of daemons on {last['python']} (a venv, as deployed) and Debian's "
+             f"{services_text} on {last['machine']}, every part as its role starts it, data "
+             f"on {last.get('filesystem') or 'a block device'}; after {last['warmup_s']:.0f} s "
+             f"of warm-up, a window of {last['minutes']:g} min scaled to an hour, "
+             f"{last['series']} sensor series stored. Per process `write_bytes` of "
+             "/proc/<pid>/io (what reached the block layer; rrdcached's: its journal in the "
+             "window plus one flush of every file times 3600 / `-w`), and journald's share "
+             f"assumed: the text each process wrote to stdout and stderr plus "
+             f"{last.get('journal_line_bytes', 500)} B a line. Per hour:", ""]
+    head = " | ".join(labels)
+    lines += [f"| process | {head} |", "| --- |" + " ---: |" * len(labels)]
+    parts = runs[labels[0]]["parts"]
+    names = sorted({n for label in labels for n in runs[label]["parts"]},
+                   key=lambda n: (-parts.get(n, {}).get("write_bytes_h", 0), n))
+    for name in names:
+        cells = " | ".join(_kb(runs[label]["parts"][name]["write_bytes_h"])
+                           if name in runs[label]["parts"] else "" for label in labels)
+        lines.append(f"| {name} | {cells} |")
+    rows = (("journald (assumed, persistent; volatile: 0)", "journal_bytes_h"),
+            ("**in all**", "total_bytes_h"))
+    for title, key in rows:
+        cells = " | ".join(_kb(runs[label]["totals"][key]) for label in labels)
+        lines.append(f"| {title} | {cells} |")
+    cells = " | ".join(f"{_kb(runs[label]['totals']['per_series_bytes_h'])} "
+                       f"({runs[label]['series']} series)" for label in labels)
+    lines.append(f"| **per sensor series** | {cells} |")
+    first, final = runs[labels[0]]["totals"], last["totals"]
+    goal = final["per_series_bytes_h"] < SD_GOAL_PER_SERIES
+    lines += ["", f"In all {final['total_bytes_h'] / 1e6:.2f} MB/h "
+              f"({final_label}; {labels[0]}: {first['total_bytes_h'] / 1e6:.2f} MB/h), "
+              f"{final['per_series_bytes_h'] / 1e3:.0f} KB/h per sensor series: "
+              + ("within" if goal else "over")
+              + f" the goal of {SD_GOAL_PER_SERIES / 1e6:g} MB/h per series; about "
+              f"{final['total_bytes_h'] * 24 * 365 / 1e9:.0f} GB a year."]
+    return "\n".join(lines) + "\n"
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any], str | None], str]] = {
     "daemon_footprint": daemon_footprint,
     "stack_memory": stack_memory,
+    "sd_writes": sd_writes,
 }
 
 

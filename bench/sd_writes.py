@@ -132,6 +132,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         role, _, var = key.partition(".")
         overrides.setdefault(role, {})[var] = yaml.safe_load(value)
     rrd = {**role_defaults("rrd"), **overrides.get("rrd", {})}
+    settings: dict[str, dict[str, Any]] = {}
+    for item in args.config:
+        key, _, value = item.partition("=")
+        daemon, _, var = key.partition(".")
+        settings.setdefault(daemon, {})[var] = yaml.safe_load(value)
     entries = example_daemons()
     names = [e["name"] for e in entries if args.all or e["enabled"]]
     counters: dict[str, Counter] = {}
@@ -147,8 +152,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             start_stack(work, python, daemons=names, env=dict(kv.split("=", 1)
                                                               for kv in args.env),
-                        overrides=overrides, as_example=True, mosquitto_log_file=True,
-                        output=output, procs=procs)
+                        overrides=overrides, settings=settings, as_example=True,
+                        mosquitto_log_file=True, output=output, procs=procs)
             for counter in counters.values():
                 os.close(counter.write_fd)  # the children have theirs
             print(f"{len(names)} daemons READY; warm-up {args.warmup:.0f} s, then "
@@ -227,6 +232,9 @@ def main() -> int:
                              "rrd.rrd_cached_flush_interval=3600")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="more environment for every daemon")
+    parser.add_argument("--config", action="append", default=[], metavar="DAEMON.KEY=VALUE",
+                        help="a daemon's config key other than the example's (to try a cut), "
+                             "e.g. store-tsdb.flush_interval=300")
     parser.add_argument("--save", metavar="LABEL",
                         help="keep the figures under LABEL in bench/results/sd_writes.json")
     parser.add_argument("--note", default="", help="what LABEL's run is (with --save)")
@@ -259,7 +267,7 @@ def main() -> int:
             "packages": packages, "machine": f"{os.cpu_count()}-core {os.uname().machine}",
             "filesystem": fs, "minutes": args.minutes, "warmup_s": args.warmup,
             "note": args.note or data["runs"].get(args.save, {}).get("note", ""),
-            "set": args.set, "env": args.env, "all": args.all,
+            "set": args.set, "config": args.config, "env": args.env, "all": args.all,
             "journal_line_bytes": JOURNAL_LINE_BYTES, **result, "totals": t}
         RESULTS.parent.mkdir(exist_ok=True)
         RESULTS.write_text(json.dumps(data, indent=1) + "\n")

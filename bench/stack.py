@@ -189,7 +189,8 @@ def example_config(name: str) -> dict[str, Any]:
 
 
 def daemon_config(module: str, port: int, work: Path, python: str, vm_url: str,
-                  rrd_dir: Path, rrd_sock: Path, as_example: str | None = None) -> Path:
+                  rrd_dir: Path, rrd_sock: Path, as_example: str | None = None,
+                  settings: dict[str, Any] | None = None) -> Path:
     """AS_EXAMPLE (a daemon's name): with the example inventory's settings for it and its
     default log level (the benches of memory leave both out: log level warning)."""
     path = fp.config_for(module, port, work, python)
@@ -214,6 +215,7 @@ def daemon_config(module: str, port: int, work: Path, python: str, vm_url: str,
         data.update(rrd_dir=str(rrd_dir), rrdcached_socket=f"unix:{rrd_sock}")
     elif module.endswith(".sensor_onewire"):
         fake_w1(Path(data["w1_root"]), data)
+    data.update(settings or {})
     path.write_text(yaml.safe_dump(data))
     return path
 
@@ -242,6 +244,7 @@ def start_stack(work: Path, python: str, *, daemons: list[str] | None = None,
                 env: dict[str, str] | None = None, unit_env: bool = True,
                 vm_args: list[str] | None = None, vm_env: dict[str, str] | None = None,
                 overrides: dict[str, dict[str, Any]] | None = None, as_example: bool = False,
+                settings: dict[str, dict[str, Any]] | None = None,
                 mosquitto_log_file: bool = False,
                 output: Callable[[str], int | IO[bytes]] | None = None,
                 procs: dict[str, subprocess.Popen[bytes]] | None = None
@@ -249,8 +252,8 @@ def start_stack(work: Path, python: str, *, daemons: list[str] | None = None,
     """Start the stack in WORK and wait for every daemon's READY=1; the processes by name, in
     PROCS (given by the caller, so that it can stop what started when this fails). DAEMONS: the
     example's daemons to start (default all); OVERRIDES: role variables by role ("mosquitto",
-    "timeseries", "rrd"); AS_EXAMPLE: the example inventory's settings and default log level;
-    OUTPUT: what a process's stdout and stderr go to, by name (default: services to /dev/null,
+    "timeseries", "rrd"); SETTINGS: config keys by daemon; AS_EXAMPLE: the example inventory's
+    settings and default log level; OUTPUT: what a process's stdout and stderr go to, by name (default: services to /dev/null,
     each daemon to WORK/<name>/daemon.log)."""
     procs = {} if procs is None else procs
     overrides = overrides or {}
@@ -275,7 +278,7 @@ def start_stack(work: Path, python: str, *, daemons: list[str] | None = None,
         dwork.mkdir()
         (dwork / "state").mkdir()
         cfg = daemon_config(names[name], port, dwork, python, vm_url, rrd_dir, rrd_sock,
-                            name if as_example else None)
+                            name if as_example else None, (settings or {}).get(name))
         exe, denv = fp.run_env(python, {**(unit_environment(name) if unit_env else {}),
                                         **(env or {}), "NOTIFY_SOCKET": str(sock_path),
                                         "STATE_DIRECTORY": str(dwork / "state")})

@@ -83,3 +83,35 @@ def test_which_pi_the_stack_fits_follows_from_the_figures() -> None:
     tight = ram - figures.OS_IDLE_MB - (figures.HEADROOM * ram) / 2
     mid = figures.stack_memory({"runs": {"deployed": _stack_run({"mosquitto": tight})}})
     assert "fits, headroom under" in mid
+
+
+def test_readme_shows_the_sd_writes_block() -> None:
+    text = (figures.REPO / "README.md").read_text()
+    assert "<!-- figures: sd_writes -->" in text
+
+
+def _sd_run(write_kb: dict[str, int], log_lines: int, series: int) -> dict[str, object]:
+    parts = {name: {"kind": "daemon", "write_bytes_h": kb * 1000, "wchar_h": 0, "writes_h": 0,
+                    "log_bytes_h": 0, "log_lines_h": 0} for name, kb in write_kb.items()}
+    next(iter(parts.values()))["log_lines_h"] = log_lines
+    disk = sum(kb * 1000 for kb in write_kb.values())
+    journal = log_lines * 500
+    return {"date": "2026-12-05", "python": "Python 3.11.2", "machine": "2-core x86_64",
+            "packages": {}, "filesystem": "ext4", "minutes": 10, "warmup_s": 120,
+            "journal_line_bytes": 500, "series": series, "parts": parts,
+            "totals": {"write_bytes_h": disk, "journal_bytes_h": journal,
+                       "total_bytes_h": disk + journal,
+                       "per_series_bytes_h": (disk + journal) // series}}
+
+
+def test_the_sd_table_sums_every_process_and_divides_by_the_series() -> None:
+    before = _sd_run({"victoria-metrics": 9000, "rrdcached": 3000}, 2000, 10)
+    after = _sd_run({"victoria-metrics": 5000, "rrdcached": 1000}, 0, 10)
+    text = figures.sd_writes({"runs": {"after": after, "before": before}})
+    assert "| process | before | after |" in text  # before first, whatever the file's order
+    assert "| victoria-metrics | 9,000 KB | 5,000 KB |" in text
+    assert "| **in all** | 13,000 KB | 6,000 KB |" in text
+    assert "| **per sensor series** | 1,300 KB (10 series) | 600 KB (10 series) |" in text
+    assert "600 KB/h per sensor series: within the goal" in text
+    over = figures.sd_writes({"runs": {"before": before}})
+    assert "1300 KB/h per sensor series: over the goal" in over
