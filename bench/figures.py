@@ -231,10 +231,18 @@ def sd_writes(data: dict[str, Any], arg: str | None = None) -> str:
     parts = runs[labels[0]]["parts"]
     names = sorted({n for label in labels for n in runs[label]["parts"]},
                    key=lambda n: (-parts.get(n, {}).get("write_bytes_h", 0), n))
+    quiet = [n for n in names if all(runs[label]["parts"].get(n, {}).get("write_bytes_h", 0)
+                                     < 1000 for label in labels)]
     for name in names:
+        if name in quiet:
+            continue
         cells = " | ".join(_kb(runs[label]["parts"][name]["write_bytes_h"])
                            if name in runs[label]["parts"] else "" for label in labels)
         lines.append(f"| {name} | {cells} |")
+    if quiet:
+        cells = " | ".join(_kb(sum(runs[label]["parts"].get(n, {}).get("write_bytes_h", 0)
+                                   for n in quiet)) for label in labels)
+        lines.append(f"| the other {len(quiet)} ({', '.join(sorted(quiet))}) | {cells} |")
     rows = (("journald (assumed, persistent; volatile: 0)", "journal_bytes_h"),
             ("**in all**", "total_bytes_h"))
     for title, key in rows:
@@ -244,6 +252,15 @@ def sd_writes(data: dict[str, Any], arg: str | None = None) -> str:
                        f"({runs[label]['series']} series)" for label in labels)
     lines.append(f"| **per sensor series** | {cells} |")
     first, final = runs[labels[0]]["totals"], last["totals"]
+    rrd, mosq = last["parts"].get("rrdcached", {}), last["parts"].get("mosquitto", {})
+    logs = sum(p["log_lines_h"] for p in last["parts"].values())
+    if "flush_bytes" in rrd and "db_bytes" in mosq:
+        lines += ["", f"In the {final_label!r} run: rrdcached's journal "
+                  f"{_kb(rrd['window_write_bytes_h'])}/h, one flush of every file "
+                  f"{_kb(rrd['flush_bytes'])}; Mosquitto's database {_kb(mosq['db_bytes'])} "
+                  f"(written whole at every autosave), its log file "
+                  f"{_kb(mosq['log_file_bytes_h'])}/h; the daemons and services wrote "
+                  f"{logs} log lines an hour to journald."]
     goal = final["per_series_bytes_h"] < SD_GOAL_PER_SERIES
     lines += ["", f"In all {final['total_bytes_h'] / 1e6:.2f} MB/h "
               f"({final_label}; {labels[0]}: {first['total_bytes_h'] / 1e6:.2f} MB/h), "
