@@ -253,8 +253,8 @@ def start_stack(work: Path, python: str, *, daemons: list[str] | None = None,
     PROCS (given by the caller, so that it can stop what started when this fails). DAEMONS: the
     example's daemons to start (default all); OVERRIDES: role variables by role ("mosquitto",
     "timeseries", "rrd"); SETTINGS: config keys by daemon; AS_EXAMPLE: the example inventory's
-    settings and default log level; OUTPUT: what a process's stdout and stderr go to, by name (default: services to /dev/null,
-    each daemon to WORK/<name>/daemon.log)."""
+    settings and default log level; OUTPUT: what a process's stdout and stderr go to, by name
+    (default: services to /dev/null, each daemon to WORK/<name>/daemon.log)."""
     procs = {} if procs is None else procs
     overrides = overrides or {}
     out = output or (lambda name: subprocess.DEVNULL)
