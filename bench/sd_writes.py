@@ -29,10 +29,12 @@ per line on top of the text: the entry object, its fields' references, entry arr
 syncs every 5 min and the kernel writes its dirty pages every 30 s). Mosquitto logs to a file as
 Debian's mosquitto.conf makes it (``log_dest file``), so its log is in its own write_bytes.
 
-rrdcached keeps an update in RAM up to ``-w`` (+ up to ``-z``) seconds: longer than a short
-window. So at the end the bench asks it to FLUSHALL and counts what that writes (every file
-written once); its hourly figure is the window's (the journal) plus that flush times
-3600 / ``-w``.
+rrdcached keeps an update in RAM up to ``-w`` (+ up to ``-z``) seconds, and Mosquitto saves its
+database every ``autosave_interval`` seconds: both can be longer than the window. So at the end
+the bench asks rrdcached to FLUSHALL and Mosquitto to save (SIGUSR1) and counts what each
+writes; rrdcached's hourly figure is the window's (its journal) plus that flush times
+3600 / ``-w``, Mosquitto's that save times 3600 / ``autosave_interval`` plus its log file (a
+page for each 4 KB it grew, at least one when it grew).
 
 Per sensor series: the total divided by the number of series stored (one RRD file each).
 Goal (issue 18): under 1 MB/h per sensor series.
@@ -48,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -67,6 +70,7 @@ RESULTS = REPO / "bench" / "results" / "sd_writes.json"
 SCRATCH_PARENT = "/var/tmp"
 # Assumed bytes journald adds on the card per log line, beyond the line itself (not measured).
 JOURNAL_LINE_BYTES = 500
+PAGE = os.sysconf("SC_PAGE_SIZE")
 IO_KEYS = ("write_bytes", "cancelled_write_bytes", "wchar", "syscw")
 
 
@@ -132,6 +136,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         role, _, var = key.partition(".")
         overrides.setdefault(role, {})[var] = yaml.safe_load(value)
     rrd = {**role_defaults("rrd"), **overrides.get("rrd", {})}
+    mosq = {**role_defaults("mosquitto"), **overrides.get("mosquitto", {})}
     settings: dict[str, dict[str, Any]] = {}
     for item in args.config:
         key, _, value = item.partition("=")
@@ -177,6 +182,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rrdcached_flushall(work / "rrdcached.sock")
             settle(procs["rrdcached"].pid)
             flush_bytes = io(procs["rrdcached"].pid)["write_bytes"] - f0
+            # Mosquitto saves its database every autosave_interval: one save (SIGUSR1), counted
+            m0 = io(procs["mosquitto"].pid)["write_bytes"]
+            procs["mosquitto"].send_signal(signal.SIGUSR1)
+            settle(procs["mosquitto"].pid)
+            save_bytes = io(procs["mosquitto"].pid)["write_bytes"] - m0
             series = sorted(str(p.relative_to(work / "rrd")) for p in (work / "rrd").rglob("*.rrd"))
             mosq_db = work / "mosquitto" / "mosquitto.db"
             parts: dict[str, Any] = {}
@@ -194,8 +204,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "log_lines_h": round(log_lines * per_h),
                 }
                 parts[name] = row
-            parts["mosquitto"]["log_file_bytes_h"] = round(log_growth * 3600 / window)
-            parts["mosquitto"]["db_bytes"] = mosq_db.stat().st_size if mosq_db.exists() else 0
+            m = parts["mosquitto"]
+            m["log_file_bytes_h"] = round(log_growth * 3600 / window)
+            m["db_bytes"] = mosq_db.stat().st_size if mosq_db.exists() else 0
+            m["window_write_bytes_h"] = m["write_bytes_h"]
+            m["save_bytes"] = save_bytes
+            # its log: each append dirties a page again once the last was written back
+            m["write_bytes_h"] = round(save_bytes * 3600 / int(mosq["mosquitto_autosave_interval"])
+                                       + -(-log_growth // PAGE) * PAGE * 3600 / window)
             w = int(rrd["rrd_cached_flush_interval"])
             parts["rrdcached"]["window_write_bytes_h"] = parts["rrdcached"]["write_bytes_h"]
             parts["rrdcached"]["flush_bytes"] = flush_bytes
