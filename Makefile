@@ -72,6 +72,9 @@ bench-venv:
 # --- Provisioning (roles/, playbooks/, molecule/, images/standin/) --------------------------
 STANDIN_IMAGE ?= pihub-standin:bookworm
 export PIHUB_STANDIN_IMAGE := $(STANDIN_IMAGE)
+# Molecule's second stand-in: Debian 13 (trixie), as Raspberry Pi OS trixie
+STANDIN_TRIXIE_IMAGE ?= pihub-standin:trixie
+export PIHUB_STANDIN_TRIXIE_IMAGE := $(STANDIN_TRIXIE_IMAGE)
 
 .PHONY: lint-ansible
 lint-ansible: $(PYTHON) ## ansible-lint (production profile) and yamllint on roles, playbooks, inventory, Molecule
@@ -81,6 +84,7 @@ lint-ansible: $(PYTHON) ## ansible-lint (production profile) and yamllint on rol
 .PHONY: image
 image: ## Build the stand-in Pi image (debootstrap, cached by the build script's hash)
 	images/standin/build.sh $(STANDIN_IMAGE)
+	images/standin/build.sh $(STANDIN_TRIXIE_IMAGE)
 
 # The raspberrypi role's real tasks on two stand-ins that pretend to be a Pi 5 and a Pi 3
 # (molecule/raspberrypi/: a fake board model and Raspberry Pi OS's boot files).

@@ -23,11 +23,18 @@ host_mirror() {
 
 # Copies the host's apt sources, the apt settings that make apt reach the mirror (e.g.
 # Check-Valid-Until on a snapshot mirror), its CA bundle and local CAs and pip config into ROOT.
+# With SUITE (e.g. trixie on a bookworm host) the sources name that suite instead of the host's
+# (bookworm-updates becomes trixie-updates, bookworm-security trixie-security).
 copy_host_sources() {
-  local root=$1 f
+  local root=$1 suite=${2:-} f host_suite
+  host_suite=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
   rm -f "$root/etc/apt/sources.list"
   for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list; do
-    [[ -e $f ]] && cp "$f" "$root$f"
+    [[ -e $f ]] || continue
+    cp "$f" "$root$f"
+    if [[ -n $suite && -n $host_suite && $suite != "$host_suite" ]]; then
+      sed -i -E "s/\b$host_suite(-updates|-security)?\b/$suite\1/g" "$root$f"
+    fi
   done
   for f in /etc/apt/apt.conf.d/*; do
     [[ -f $f ]] && grep -q '^[[:space:]]*Acquire::' "$f" && cp "$f" "$root/etc/apt/apt.conf.d/"
