@@ -223,7 +223,9 @@ def sd_writes(data: dict[str, Any], arg: str | None = None) -> str:
              f"of warm-up, a window of {last['minutes']:g} min scaled to an hour, "
              f"{last['series']} sensor series stored. Per process `write_bytes` of "
              "/proc/<pid>/io (what reached the block layer; rrdcached's: its journal in the "
-             "window plus one flush of every file times 3600 / `-w`), and journald's share "
+             "window plus one flush of every file times 3600 / `-w`; Mosquitto's: one save of "
+             "its database times 3600 / `autosave_interval`, plus its log file), and "
+             "journald's share "
              f"assumed: the text each process wrote to stdout and stderr plus "
              f"{last.get('journal_line_bytes', 500)} B a line. Per hour:", ""]
     head = " | ".join(labels)
@@ -258,7 +260,7 @@ def sd_writes(data: dict[str, Any], arg: str | None = None) -> str:
         lines += ["", f"In the {final_label!r} run: rrdcached's journal "
                   f"{_kb(rrd['window_write_bytes_h'])}/h, one flush of every file "
                   f"{_kb(rrd['flush_bytes'])}; Mosquitto's database {_kb(mosq['db_bytes'])} "
-                  f"(written whole at every autosave), its log file "
+                  f"(one save: {_kb(mosq.get('save_bytes', 0))} written), its log file "
                   f"{_kb(mosq['log_file_bytes_h'])}/h; the daemons and services wrote "
                   f"{logs} log lines an hour to journald."]
     goal = final["per_series_bytes_h"] < SD_GOAL_PER_SERIES
