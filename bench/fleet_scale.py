@@ -57,6 +57,7 @@ from common import (
     REPO,
     VictoriaMetrics,
     cpu_seconds,
+    remaining_length,
     start_daemon,
     status_kb,
     stop_daemon,
@@ -71,15 +72,6 @@ HEARTBEAT_S = 30.0
 POLL_S = 0.25
 WINDOW_S = 8.0
 HOST_TAG = "central"
-
-
-def remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def mqtt_string(s: bytes) -> bytes:

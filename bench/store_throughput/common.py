@@ -74,3 +74,14 @@ def stop_daemon(proc: subprocess.Popen[bytes], log: IO[bytes]) -> None:
     proc.send_signal(signal.SIGTERM)
     proc.wait(30)
     log.close()
+
+
+def remaining_length(n: int) -> bytes:
+    """MQTT's variable-length "remaining length" of a packet of ``n`` more bytes (the benches'
+    raw publishers pre-encode their packets)."""
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)

@@ -53,6 +53,7 @@ from common import (
     REPO,
     VictoriaMetrics,
     cpu_seconds,
+    remaining_length,
     start_daemon,
     start_mosquitto,
     status_kb,
@@ -63,15 +64,6 @@ from paho.mqtt.enums import CallbackAPIVersion
 SERIES = 100
 MAX_N = 1_000_000
 RESULT = REPO / "bench" / "results" / "store_tsdb.json"
-
-
-def remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 class Publisher:
