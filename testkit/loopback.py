@@ -64,30 +64,34 @@ def start_mosquitto(workdir: Path, *conf_lines: str) -> tuple[subprocess.Popen[b
     return proc, port
 
 
-class VictoriaMetrics:
-    """Debian's victoria-metrics on a free loopback port; stop/start keep port and data."""
+class LoopbackService:
+    """A VictoriaMetrics binary (``exe``) on a free loopback port, logging to ``log``, healthy when
+    its ``/health`` answers; stop/start keep the port. Subclasses give their own flags."""
 
-    def __init__(self, workdir: Path) -> None:
-        self.exe = shutil.which("victoria-metrics") or "/usr/bin/victoria-metrics"
+    name = "victoria-metrics"
+
+    def __init__(self, log: Path) -> None:
+        self.exe = shutil.which(self.name) or f"/usr/bin/{self.name}"
         self.port = free_port()
-        self.workdir = workdir
-        self.data = workdir / "data"
-        self.log = workdir / "victoria-metrics.log"
         self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def flags(self) -> list[str]:
+        """The flags besides the listen address."""
+        return []
 
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [self.exe, f"-httpListenAddr=127.0.0.1:{self.port}",
-                 f"-storageDataPath={self.data}", "-retentionPeriod=100y",
-                 "-search.latencyOffset=0", "-search.disableCache", "-loggerLevel=WARN"],
+                [self.exe, f"-httpListenAddr=127.0.0.1:{self.port}", *self.flags(),
+                 "-loggerLevel=WARN"],
                 stdout=log, stderr=subprocess.STDOUT)
-        wait_until(self._healthy, 20, f"victoria-metrics on port {self.port}", interval=0.05)
+        wait_until(self._healthy, 20, f"{self.name} on port {self.port}", interval=0.05)
 
     def _healthy(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
-            raise RuntimeError(f"victoria-metrics exited: {self.log.read_text()[-2000:]}")
+            raise RuntimeError(f"{self.name} exited: {self.log.read_text()[-2000:]}")
         try:
             with urllib.request.urlopen(f"{self.url}/health", timeout=1) as resp:
                 return bool(resp.status == 200)
@@ -95,10 +99,24 @@ class VictoriaMetrics:
             return False
 
     def stop(self) -> None:
+        """SIGTERM: it writes what it holds in memory to disk, then exits."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(30)
         self.proc = None
+
+
+class VictoriaMetrics(LoopbackService):
+    """Debian's victoria-metrics on a free loopback port; stop/start keep port and data."""
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir / "victoria-metrics.log")
+        self.workdir = workdir
+        self.data = workdir / "data"
+
+    def flags(self) -> list[str]:
+        return [f"-storageDataPath={self.data}", "-retentionPeriod=100y",
+                "-search.latencyOffset=0", "-search.disableCache"]
 
     def export(self, metric: str) -> dict[tuple[str, str], list[tuple[int, float]]]:
         """Every stored sample of ``metric``: {(location, host): [(ts_ms, value), ...]}."""

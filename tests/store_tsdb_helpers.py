@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import http.server
 import json
-import shutil
-import signal
 import socket
-import subprocess
 import threading
 import time
 import urllib.error
@@ -23,7 +20,7 @@ from typing import Any
 
 from conftest import Observer
 
-from testkit.loopback import VictoriaMetrics, free_port, wait_until
+from testkit.loopback import LoopbackService, VictoriaMetrics, free_port, wait_until
 
 __all__ = ["HOST", "InfluxFront", "VictoriaMetrics", "Vmagent", "counter", "heartbeat",
            "publish_series", "stored"]
@@ -66,43 +63,20 @@ def stored(vm: VictoriaMetrics, quantity: str, location: str, n: int,
                       interval=0.2)  # type: ignore[no-any-return]
 
 
-class Vmagent:
+class Vmagent(LoopbackService):
     """Debian's vmagent on a free loopback port, forwarding to ``remote_url`` (Prometheus
     remote write) with its on-disk buffer in ``buffer_dir``; stop/start keep port and buffer."""
 
+    name = "vmagent"
+
     def __init__(self, remote_url: str, buffer_dir: Path, log: Path) -> None:
-        self.exe = shutil.which("vmagent") or "/usr/bin/vmagent"
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(log)
         self.remote_url = remote_url
         self.buffer_dir = buffer_dir
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [self.exe, f"-httpListenAddr=127.0.0.1:{self.port}",
-                 f"-remoteWrite.url={self.remote_url}",
-                 f"-remoteWrite.tmpDataPath={self.buffer_dir}", "-loggerLevel=WARN"],
-                stdout=log, stderr=subprocess.STDOUT)
-        wait_until(self._healthy, 20, f"vmagent on port {self.port}", interval=0.05)
-
-    def _healthy(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise RuntimeError(f"vmagent exited: {self.log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=1) as resp:
-                return bool(resp.status == 200)
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        """SIGTERM: vmagent writes what it holds in memory to its buffer on disk, then exits."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(30)
-        self.proc = None
+    def flags(self) -> list[str]:
+        return [f"-remoteWrite.url={self.remote_url}",
+                f"-remoteWrite.tmpDataPath={self.buffer_dir}"]
 
     def metric(self, name: str) -> float:
         """The sum of one of vmagent's own metrics (/metrics) over its labels."""
