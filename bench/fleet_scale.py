@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "store_throughput"))
 from common import (
     REPO,
     VictoriaMetrics,
+    count_pubacks,
     cpu_seconds,
     remaining_length,
     start_daemon,
@@ -145,14 +146,8 @@ class Satellite:
             data = await reader.read(65536)
             if not data:
                 return
-            buf += data
-            while len(buf) >= 2:  # PUBACK, PINGRESP: 2-byte header, short body
-                size = 2 + buf[1]
-                if len(buf) < size:
-                    break
-                if buf[0] == 0x40:
-                    self.acked += 1
-                buf = buf[size:]
+            acked, buf = count_pubacks(buf + data)
+            self.acked += acked
 
     def send(self, topic: str, payload: bytes, retain: bool = False) -> None:
         assert self.writer is not None

@@ -85,3 +85,17 @@ def remaining_length(n: int) -> bytes:
         out.append(byte | (0x80 if n else 0))
         if not n:
             return bytes(out)
+
+
+def count_pubacks(buf: bytes) -> tuple[int, bytes]:
+    """The PUBACKs among the whole packets at the start of ``buf`` (a raw publisher reads only
+    PUBACKs and PINGRESPs: a 2-byte header and a short body), and what is left of ``buf``."""
+    acked = 0
+    while len(buf) >= 2:
+        size = 2 + buf[1]
+        if len(buf) < size:
+            break
+        if buf[0] == 0x40:
+            acked += 1
+        buf = buf[size:]
+    return acked, buf

@@ -52,6 +52,7 @@ import paho.mqtt.client as mqtt
 from common import (
     REPO,
     VictoriaMetrics,
+    count_pubacks,
     cpu_seconds,
     remaining_length,
     start_daemon,
@@ -108,14 +109,8 @@ class Publisher:
                 return
             if not data:
                 return
-            buf += data
-            while len(buf) >= 2:  # PUBACK and PINGRESP: 2-byte header, short body
-                size = 2 + buf[1]
-                if len(buf) < size:
-                    break
-                if buf[0] == 0x40:
-                    self.acked += 1
-                buf = buf[size:]
+            acked, buf = count_pubacks(buf + data)
+            self.acked += acked
 
     @staticmethod
     def ts(i: int, base: float) -> float:
