@@ -33,11 +33,15 @@ def data(value: float, unit: str = "°C", ts: float | None = None, **extra: obje
     return {"value": value, "unit": unit, "ts": round(ts or NOW(), 3), **extra}
 
 
+def web_meta(client: WebClient) -> dict:
+    """The web daemon's last heartbeat as the page sees it; {} before the first one arrived."""
+    return client.get("/api/daemons").json()["daemons"].get("web", {}).get("meta") or {}
+
+
 def counters(client: WebClient, **wanted: int) -> dict:
     """The web daemon's own counters as its heartbeat reports them, once ``wanted`` hold."""
     def reported() -> dict | None:
-        meta = client.get("/api/daemons").json()["daemons"].get("web", {}).get("meta") or {}
-        got = meta.get("counters", {})
+        got = web_meta(client).get("counters", {})
         return got if all(got.get(k, 0) >= v for k, v in wanted.items()) else None
 
     return wait_until(reported, 15, f"web counters {wanted}")  # type: ignore[no-any-return]
@@ -395,19 +399,19 @@ def test_a_page_that_falls_behind_is_dropped_and_counted(start_daemon, observe, 
     _proc, web = start_web(start_daemon, sse_max_lag_s=0.5)
     web.login()
     slow = sse_open(web.port, web.cookie, rcvbuf=4096)  # connected, never read
-    wait_until(lambda: web.get("/api/daemons").json()["daemons"]["web"]["meta"]
-               and counters(web)["http_requests"] >= 3, 10, "the stream open")
+    wait_until(lambda: web_meta(web).get("counters", {}).get("http_requests", 0) >= 3, 10,
+               "the stream open")
     filler = "x" * 12000
 
     def dropped() -> bool:
         for i in range(20):
             obs.publish(f"{topic_root}/display/fill/item", {"n": i, "pad": filler})
-        got = web.get("/api/daemons").json()["daemons"]["web"]["meta"]["counters"]
+        got = web_meta(web).get("counters", {})
         return got.get("sse_dropped", 0) >= 1
 
     wait_until(dropped, 30, "the slow page dropped", interval=0.2)
-    wait_until(lambda: web.get("/api/daemons").json()["daemons"]["web"]["meta"].get(
-        "clients") == 0, 10, "the heartbeat's gauge of open pages back to 0")
+    wait_until(lambda: web_meta(web).get("clients") == 0, 10,
+               "the heartbeat's gauge of open pages back to 0")
     slow.close()
     fresh = EventReader(sse_open(web.port, web.cookie))  # a page that reads is served
     assert fresh.next_event()[0] == "snapshot"
@@ -424,7 +428,7 @@ def test_a_page_with_too_many_queued_changes_is_dropped(start_daemon, observe, t
     def dropped() -> bool:
         for i in range(40):  # distinct items: the queue keeps one per item, and overflows
             obs.publish(f"{topic_root}/display/fill/i{i}", {"pad": filler})
-        got = web.get("/api/daemons").json()["daemons"]["web"]["meta"]["counters"]
+        got = web_meta(web).get("counters", {})
         return got.get("sse_dropped", 0) >= 1
 
     wait_until(dropped, 30, "the page dropped", interval=0.2)
