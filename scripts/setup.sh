@@ -7,6 +7,10 @@
 #   scripts/setup.sh demo   the same, plus Docker and debootstrap, and dockerd running
 #   scripts/setup.sh test   the same, plus what the tests run against: Mosquitto,
 #                           VictoriaMetrics, rrdtool/rrdcached, Chromium + chromedriver
+#   scripts/setup.sh image  the same as pi, plus what make image-pi and make test-image-pi
+#                           need: debootstrap, qemu-user-static registered in binfmt_misc (a
+#                           foreign arm64 root), partitioning and file-system tools, xz,
+#                           qemu-system-aarch64 (the boot test)
 #
 # Never pip into the system Python (PEP 668 refuses it on Debian 12 and Raspberry Pi OS): every
 # Python tool lives in the project's .venv/ (override with PIHUB_VENV).
@@ -18,8 +22,8 @@ cd "$(dirname "$0")/.."
 
 purpose=${1:-test}
 case $purpose in
-  pi | demo | test) ;;
-  *) echo "usage: scripts/setup.sh pi|demo|test" >&2; exit 64 ;;
+  pi | demo | test | image) ;;
+  *) echo "usage: scripts/setup.sh pi|demo|test|image" >&2; exit 64 ;;
 esac
 
 venv=${PIHUB_VENV:-.venv}
@@ -42,8 +46,12 @@ command -v apt-get >/dev/null && command -v dpkg-query >/dev/null ||
   die 71 "this needs a Debian-based OS with apt (Debian 12, Ubuntu 22.04+, Raspberry Pi OS); none found here"
 
 packages=(make git tar ca-certificates)
-if [[ $purpose != pi ]]; then
+if [[ $purpose == demo || $purpose == test ]]; then
   packages+=(docker.io debootstrap)
+fi
+if [[ $purpose == image ]]; then
+  packages+=(debootstrap qemu-user-static binfmt-support qemu-system-arm parted fdisk dosfstools
+    e2fsprogs xz-utils qemu-utils openssh-client)
 fi
 if [[ $purpose == test ]]; then
   packages+=(mosquitto mosquitto-clients victoria-metrics rrdtool rrdcached chromium chromium-driver)
@@ -91,9 +99,23 @@ else
   echo "$want" >"$stamp"
 fi
 
+# --- binfmt_misc (image): debootstrap's second stage and the play run arm64 programs -----------
+if [[ $purpose == image ]]; then
+  if [[ ! -e /proc/sys/fs/binfmt_misc/status ]]; then
+    say "mounting binfmt_misc"
+    "${sudo[@]}" mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc ||
+      die 71 "binfmt_misc cannot be mounted here (a container without it?): arm64 programs cannot run"
+  fi
+  if [[ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]]; then
+    say "registering qemu-aarch64 in binfmt_misc"
+    "${sudo[@]}" update-binfmts --enable qemu-aarch64 ||
+      die 71 "update-binfmts --enable qemu-aarch64 failed; see the line above"
+  fi
+fi
+
 # --- Docker -----------------------------------------------------------------------------------
 docker_cmd=(docker)
-if [[ $purpose == pi ]]; then
+if [[ $purpose == pi || $purpose == image ]]; then
   :
 elif ! docker info >/dev/null 2>&1; then
   if [[ $(id -u) != 0 ]] && "${sudo[@]}" docker info >/dev/null 2>&1; then
