@@ -141,6 +141,25 @@ molecule-backup: $(PYTHON) image ## Molecule backup: data on stand-in A, backup.
 	  | tar -C $(MOLECULE_BACKUP_PACKAGE_SOURCE) -xf -
 	PIHUB_MOLECULE_PACKAGE_SOURCE=$(abspath $(MOLECULE_BACKUP_PACKAGE_SOURCE)) molecule test -s backup
 
+# Upgrade in place (issue 18): the stand-in provisioned by an older release of this repository,
+# git ref UPGRADE_FROM (its playbooks, roles, example inventory and files/daemons, unpacked with
+# git archive into MOLECULE_UPGRADE_FROM_DIR), measurements flowing, then converged by this tree
+# and its own copy of files/daemons, as above (molecule/upgrade/). The default ref is the release
+# whose make test ran make molecule-fleet first (052f804); UPGRADE_FROM=<ref> tries another.
+UPGRADE_FROM ?= 052f80470500a74f16060d0576b45f99374dcb44
+MOLECULE_UPGRADE_FROM_DIR ?= .cache/molecule-upgrade-from
+MOLECULE_UPGRADE_PACKAGE_SOURCE ?= .cache/molecule-upgrade-package-source
+.PHONY: molecule-upgrade
+molecule-upgrade: $(PYTHON) image ## Molecule upgrade: an older release (UPGRADE_FROM) converged, data flowing, this tree converged over it
+	rm -rf $(MOLECULE_UPGRADE_FROM_DIR) && mkdir -p $(MOLECULE_UPGRADE_FROM_DIR)
+	git archive --format=tar $(UPGRADE_FROM) | tar -C $(MOLECULE_UPGRADE_FROM_DIR) -xf -
+	rm -rf $(MOLECULE_UPGRADE_PACKAGE_SOURCE) && mkdir -p $(MOLECULE_UPGRADE_PACKAGE_SOURCE)
+	tar -C files/daemons --exclude=__pycache__ --exclude=*.egg-info --exclude=build \
+	  --exclude=.mypy_cache --exclude=.ruff_cache --exclude=.pytest_cache -cf - . \
+	  | tar -C $(MOLECULE_UPGRADE_PACKAGE_SOURCE) -xf -
+	PIHUB_UPGRADE_FROM=$(UPGRADE_FROM) PIHUB_UPGRADE_FROM_DIR=$(abspath $(MOLECULE_UPGRADE_FROM_DIR)) \
+	  PIHUB_MOLECULE_PACKAGE_SOURCE=$(abspath $(MOLECULE_UPGRADE_PACKAGE_SOURCE)) molecule test -s upgrade
+
 # --- Your Pi ------------------------------------------------------------------------------
 # make inventory NAME=home HOST=192.168.1.20 [SSH_USER=pi], then make pi-check / make pi.
 SSH_USER ?= pi
