@@ -279,6 +279,9 @@ def run_one(n: int, args: argparse.Namespace) -> dict[str, Any]:
         "mqtt": {"host": "127.0.0.1", "port": port, "reconnect_min": 0.2, "reconnect_max": 1},
         "topic_root": "pihub", "url": vm.url, "host_tag": HOST_TAG,
         "spool_dir": str(work / "state"), "log_level": "info",
+        # the delay of a central that writes within a second (the default, once a minute for
+        # an SD card, would put every point a minute late, past the poller's 8 s window)
+        "flush_idle": 0.1, "flush_interval": 1.0,
     }
     daemon, log = start_daemon("store-tsdb", config, work)
     poller = DelayPoller(vm)
