@@ -425,3 +425,27 @@ def test_stored_messages_are_acknowledged_so_the_restarted_daemon_gets_none_of_t
                      and m["counters"]["written"] >= 1)
     assert (meta["counters"]["received"], meta["counters"]["written"]) == (1, 1)
     assert len(vm.export("temperature_value")[("hall", HOST)]) == 126
+
+
+def test_the_host_tag_is_kept_in_the_state_so_a_restored_hub_goes_on_with_its_series(
+        vm, store, observe, topic_root, tmp_path):
+    obs = observe(f"{topic_root}/store-tsdb/#")
+    d = store(vm.url)
+    heartbeat(obs, topic_root, lambda m: m["event"] == "heartbeat")
+    # the first start keeps this host's name as the hub's
+    assert (tmp_path / "state" / "host_tag").read_text() == f"{HOST}\n"
+    assert d.stop() == 0
+    # the state of another hub comes back (playbooks/restore.yml onto a new Pi): its name stays
+    (tmp_path / "state" / "host_tag").write_text("old-pi\n")
+    d2 = store(vm.url)
+    heartbeat(obs, topic_root, lambda m: m["pid"] == d2.pid and m["event"] == "heartbeat")
+    publish_series(obs, topic_root, "attic", "temperature", 1, 1700000000)
+    wait_until(lambda: vm.export("temperature_value").get(("attic", "old-pi")), 20,
+               "the point under the kept host tag", interval=0.2)
+    assert list(vm.export("temperature_value")) == [("attic", "old-pi")]
+    # a configured host_tag wins
+    assert d2.stop() == 0
+    store(vm.url, host_tag="shed")
+    publish_series(obs, topic_root, "attic", "temperature", 1, 1700000060)
+    wait_until(lambda: vm.export("temperature_value").get(("attic", "shed")), 20,
+               "the point under the configured host tag", interval=0.2)

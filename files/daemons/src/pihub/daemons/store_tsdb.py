@@ -52,7 +52,14 @@ from typing import Any
 from pihub.bus import Message, read_secret
 from pihub.config import BaseConfig, ConfigError, setting
 from pihub.daemon import Daemon, state_directory
-from pihub.durable import Damage, RecordLog, StateError, atomic_write_json, read_json
+from pihub.durable import (
+    Damage,
+    RecordLog,
+    StateError,
+    atomic_write,
+    atomic_write_json,
+    read_json,
+)
 from pihub.topics import Reject, decode_measurement, measurement_fields
 
 DEFAULT_STATE_DIR = "/var/lib/pihub-store-tsdb"  # what state_directory() falls back to
@@ -85,18 +92,23 @@ class Config(BaseConfig):
         None, "File holding the HTTP basic auth password (first line); goes with username.",
     )
     host_tag: str | None = setting(
-        None, "Value of the points' host tag; null means this host's name."
+        None, "Value of the points' host tag; null means the hub's name: this host's name at "
+        "the first start, kept in spool_dir's host_tag file (a restored hub keeps its series)."
     )
     batch_size: int = setting(
         1000, "Points per write. The broker must let this many QoS 1 messages wait for their "
         "acknowledgement (Mosquitto: max_inflight_messages, default 20, 0 = no limit), else "
         "batches only go out after flush_idle.", min=1, max=100000,
     )
+    # Once a minute by default: every write becomes new files in VictoriaMetrics (it has no
+    # flush setting), so how often store-tsdb writes is most of what the hub writes to its SD
+    # card (bench/sd_writes.py). The history lags the live values (retained MQTT) by up to a
+    # minute; nothing is lost meanwhile: the broker keeps the unacknowledged messages.
     flush_idle: float = setting(
-        0.1, "Write the batch when no message came for this many seconds.", min=0.001, max=60,
+        60.0, "Write the batch when no message came for this many seconds.", min=0.001, max=60,
     )
     flush_interval: float = setting(
-        1.0, "Write the batch at the latest this many seconds after its first point.",
+        60.0, "Write the batch at the latest this many seconds after its first point.",
         min=0.01, max=300,
     )
     timeout: float = setting(
@@ -230,7 +242,8 @@ class StoreTsdb(Daemon[Config]):
         self.state_file = self.state_dir / "last_ts.json"
         self.stored_ts = self._load_state()
         self.seen_ts = dict(self.stored_ts)  # the handler's view, includes points in flight
-        self.host_tag = _escape_tag(cfg.host_tag or self.host)
+        self.host_tag_file = self.state_dir / "host_tag"
+        self.host_tag = _escape_tag(cfg.host_tag or self._hub_name())
         self._prefixes: dict[str, str] = {}
         # a plain Lock under the Condition: the handler enters it per message, at C speed
         self._pending_lock = threading.Lock()
@@ -304,6 +317,31 @@ class StoreTsdb(Daemon[Config]):
         """A damaged stretch of the spool (a crash or a bad card): skipped, logged, counted."""
         self.count("errors")
         self.log.warning("spool: %s; the points before and after it are kept", damage)
+
+    def _hub_name(self) -> str:
+        """The ``host`` tag when ``host_tag`` is null: the name this hub first stored under.
+
+        Kept in ``<spool_dir>/host_tag`` (written at the first start), so that it travels with
+        the state: a hub restored onto a new Pi of another host name (playbooks/restore.yml)
+        goes on with the same series instead of starting a second set under the new name.
+        """
+        try:
+            kept = self.host_tag_file.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            kept = ""
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError("host_tag", f"cannot read {self.host_tag_file} (the hub's name "
+                              f"its points are tagged with): {exc}") from exc
+        if kept:
+            if kept != self.host:
+                self.log.info("points tagged host=%s as before (%s), not this host's name %s",
+                              kept, self.host_tag_file, self.host)
+            return kept
+        try:
+            atomic_write(self.host_tag_file, self.host + "\n")
+        except OSError as exc:
+            raise ConfigError("spool_dir", f"cannot write {self.host_tag_file}: {exc}") from exc
+        return self.host
 
     def _load_state(self) -> dict[str, float]:
         try:
