@@ -160,6 +160,18 @@ molecule-upgrade: $(PYTHON) image ## Molecule upgrade: an older release (UPGRADE
 	PIHUB_UPGRADE_FROM=$(UPGRADE_FROM) PIHUB_UPGRADE_FROM_DIR=$(abspath $(MOLECULE_UPGRADE_FROM_DIR)) \
 	  PIHUB_MOLECULE_PACKAGE_SOURCE=$(abspath $(MOLECULE_UPGRADE_PACKAGE_SOURCE)) molecule test -s upgrade
 
+# --- The Pi image (issue 20; docs/image.md) ---------------------------------------------------
+# A flashable SD card image made by playbooks/site.yml through the chroot connection; stages
+# cached under /var/cache/pihub/image by content (a second build takes minutes). Needs root.
+.PHONY: image-pi
+image-pi: ## Build build/pihub-<version>-arm64.img.xz: Debian 12, its kernel and Pi firmware, provisioned by site.yml (chroot)
+	scripts/setup.sh image
+	images/pi/build.sh build
+
+.PHONY: test-image-pi
+test-image-pi: image-pi ## Boot the image in qemu-system-aarch64: first boot, every daemon's heartbeat, the play over SSH changes nothing
+	$(PYTHON) images/pi/boot_test.py --save
+
 # --- Your Pi ------------------------------------------------------------------------------
 # make inventory NAME=home HOST=192.168.1.20 [SSH_USER=pi], then make pi-check / make pi.
 SSH_USER ?= pi
