@@ -331,7 +331,7 @@ def play_again(emu: Emulator, work: Path) -> tuple[str, float]:
         cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=PLAY_DEADLINE_S
     )
     (work / "play.log").write_text(done.stdout + done.stderr)
-    recap = re.search(r"^pihub\s+:\s+(.*)$", done.stdout, re.M)
+    recap = re.search(r"^pihub-image\s+:\s+(.*)$", done.stdout, re.M)
     if done.returncode != 0 or recap is None:
         raise SystemExit(
             f"the play failed ({done.returncode}); its log: {work / 'play.log'}\n"

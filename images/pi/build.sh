@@ -146,7 +146,7 @@ ln -sf /lib/systemd/system/systemd-resolved.service "$root/etc/systemd/system/mu
 ln -sfn /run/systemd/resolve/stub-resolv.conf "$root/etc/resolv.conf"
 echo pihub >"$root/etc/hostname"
 printf '127.0.0.1\tlocalhost\n127.0.1.1\tpihub\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' >"$root/etc/hosts"
-echo "pihub $version $(date -u +%Y-%m-%dT%H:%MZ) inventory=pihub" >"$root/etc/pihub-image"
+echo "pihub $version $(date -u +%Y-%m-%dT%H:%MZ) inventory=pihub-image" >"$root/etc/pihub-image"
 # Nothing that must differ between two cards: the first boot makes each of them.
 : >"$root/etc/machine-id"
 rm -f "$root/var/lib/dbus/machine-id" "$root"/etc/ssh/ssh_host_* "$root/etc/pihub/secrets/mqtt.secret"
