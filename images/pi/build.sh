@@ -8,7 +8,7 @@
 #                 (images/pi/firstboot/), nothing made per device left in it; then xz
 # Stages 1 and 2 are cached under PIHUB_IMAGE_CACHE (default /var/cache/pihub/image) by the hash
 # of what makes them (1: base.sh and images/lib.sh; 2: that, roles/, playbooks/, files/daemons/,
-# inventory/image/, ansible.cfg and this script), so that a second build is fast. FORCE=1 builds
+# inventory/image/, ansible.cfg and provision.sh), so that a second build is fast. FORCE=1 builds
 # everything again.
 #
 # Usage: images/pi/build.sh [OUT_DIR]   (default: build/; root; scripts/setup.sh image first)
@@ -36,7 +36,7 @@ tree_hash() {  # the content of files (tracked or not; caches and build products
     ! -path '*/build/*' -print0 | LC_ALL=C sort -z | xargs -0 sha256sum) | sha256sum | cut -c1-16
 }
 base_key=$(cat "$here/base.sh" "$here/../lib.sh" | sha256sum | cut -c1-16)
-prov_key=$( (echo "$base_key"; cat "$here/build.sh"
+prov_key=$( (echo "$base_key"; cat "$here/provision.sh"
   tree_hash roles playbooks files/daemons inventory/image ansible.cfg) | sha256sum | cut -c1-16)
 base_tar=$cache/base-$base_key.tar
 prov_tar=$cache/provisioned-$prov_key.tar
@@ -61,39 +61,9 @@ else
 fi
 
 # --- 2. provision -----------------------------------------------------------------------------
-chroot_mounts() {
-  mount -t proc proc "$root/proc"
-  mount -t sysfs sysfs "$root/sys"
-  mount --bind /dev "$root/dev"
-  mount -t devpts devpts "$root/dev/pts"
-  mount -t tmpfs tmpfs "$root/run"
-  mount -t tmpfs tmpfs "$root/tmp"
-}
 if [[ ${FORCE:-0} == 1 || ! -e $prov_tar ]]; then
   t=$(date +%s)
-  log "provision: playbooks/site.yml through the chroot connection (inventory/image/build.yml)"
-  mkdir -p "$root"
-  tar -C "$root" --numeric-owner --xattrs -xf "$base_tar"
-  chroot_mounts
-  # The build host's resolver while the play runs (the image's own is systemd-resolved's stub).
-  mv "$root/etc/resolv.conf" "$work/resolv.conf.image"
-  cp -L /etc/resolv.conf "$root/etc/resolv.conf"
-  printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d" && chmod +x "$root/usr/sbin/policy-rc.d"
-  (cd "$repo" && PIHUB_IMAGE_ROOT=$root ANSIBLE_FORCE_COLOR=0 "$venv/bin/ansible-playbook" \
-    -i inventory/image/build.yml playbooks/site.yml) >"$work/play.log" 2>&1 || {
-    tail -n 60 "$work/play.log" >&2
-    cp "$work/play.log" "$out_dir/provision-failed.log"
-    echo "the play failed; its whole log: $out_dir/provision-failed.log" >&2
-    exit 1
-  }
-  grep -A3 '^PLAY RECAP' "$work/play.log" >&2
-  rm -f "$root/usr/sbin/policy-rc.d"
-  rm -f "$root/etc/resolv.conf" && mv "$work/resolv.conf.image" "$root/etc/resolv.conf"
-  chroot "$root" apt-get clean
-  rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin
-  grep -o " $root/[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l
-  tar -C "$root" --numeric-owner --xattrs -cf "$prov_tar.part" . && mv "$prov_tar.part" "$prov_tar"
-  rm -rf --one-file-system "$root"
+  "$here/provision.sh" "$base_tar" "$prov_tar" "$out_dir"
   log "provision: $(( $(date +%s) - t )) s"
 else
   log "provision: cached ($prov_tar)"
