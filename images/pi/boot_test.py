@@ -120,7 +120,7 @@ class Emulator:
             "-initrd",
             str(card.initrd),
             "-append",
-            "root=LABEL=RASPIROOT rw rootwait console=ttyAMA0 net.ifnames=1",
+            "root=LABEL=RASPIROOT rw rootwait console=ttyAMA0 net.ifnames=0",
             "-drive",
             f"file={card.path},format=raw,if=virtio",
             "-netdev",
