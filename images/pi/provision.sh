@@ -22,6 +22,10 @@ trap cleanup EXIT
 
 mkdir -p "$root"
 tar -C "$root" --numeric-owner --xattrs -xf "$base_tar"
+# The base has no package lists: dated at 0, as on a Pi not updated for a while, the play's
+# first task (role base) fetches them.
+touch -d @0 "$root/var/lib/apt/lists"
+rm -f "$root/var/lib/apt/periodic/update-success-stamp"
 mount -t proc proc "$root/proc"
 mount -t sysfs sysfs "$root/sys"
 mount --bind /dev "$root/dev"
