@@ -147,6 +147,8 @@ molecule-backup: $(PYTHON) image ## Molecule backup: data on stand-in A, backup.
 # and its own copy of files/daemons, as above (molecule/upgrade/). The default ref is the release
 # whose make test ran make molecule-fleet first (052f804); UPGRADE_FROM=<ref> tries another.
 UPGRADE_FROM ?= 052f80470500a74f16060d0576b45f99374dcb44
+# The roles the upgrade converges with: this tree's (another copy to watch verify fail).
+UPGRADE_ROLES ?= roles
 MOLECULE_UPGRADE_FROM_DIR ?= .cache/molecule-upgrade-from
 MOLECULE_UPGRADE_PACKAGE_SOURCE ?= .cache/molecule-upgrade-package-source
 .PHONY: molecule-upgrade
@@ -158,6 +160,7 @@ molecule-upgrade: $(PYTHON) image ## Molecule upgrade: an older release (UPGRADE
 	  --exclude=.mypy_cache --exclude=.ruff_cache --exclude=.pytest_cache -cf - . \
 	  | tar -C $(MOLECULE_UPGRADE_PACKAGE_SOURCE) -xf -
 	PIHUB_UPGRADE_FROM=$(UPGRADE_FROM) PIHUB_UPGRADE_FROM_DIR=$(abspath $(MOLECULE_UPGRADE_FROM_DIR)) \
+	  PIHUB_UPGRADE_ROLES=$(abspath $(UPGRADE_ROLES)) \
 	  PIHUB_MOLECULE_PACKAGE_SOURCE=$(abspath $(MOLECULE_UPGRADE_PACKAGE_SOURCE)) molecule test -s upgrade
 
 # --- The Pi image (issue 20; docs/image.md) ---------------------------------------------------
