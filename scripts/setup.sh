@@ -51,7 +51,7 @@ if [[ $purpose == demo || $purpose == test ]]; then
 fi
 if [[ $purpose == image ]]; then
   packages+=(debootstrap qemu-user-static binfmt-support qemu-system-arm parted fdisk dosfstools
-    e2fsprogs xz-utils qemu-utils openssh-client)
+    e2fsprogs mtools xz-utils qemu-utils openssh-client)
 fi
 if [[ $purpose == test ]]; then
   packages+=(mosquitto mosquitto-clients victoria-metrics rrdtool rrdcached chromium chromium-driver)

@@ -21,7 +21,7 @@ venv=${PIHUB_VENV:-$repo/.venv}
 . "$here/../lib.sh"
 log() { printf '==> %s\n' "$*" >&2; }
 [[ $(id -u) == 0 ]] || { echo "building the image needs root (debootstrap, chroot, loop devices)" >&2; exit 1; }
-for tool in debootstrap sfdisk mkfs.vfat mkfs.ext4 losetup xz; do
+for tool in debootstrap sfdisk mkfs.vfat mcopy mkfs.ext4 losetup xz; do
   command -v "$tool" >/dev/null || { echo "$tool is missing: scripts/setup.sh image" >&2; exit 1; }
 done
 [[ -x $venv/bin/ansible-playbook ]] || { echo "no $venv/bin/ansible-playbook: scripts/setup.sh image" >&2; exit 1; }
@@ -46,7 +46,7 @@ root=$work/rootfs
 loop=""
 cleanup() {
   grep -o " $work/[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l || true
-  [[ -n $loop ]] && losetup -d "$loop" 2>/dev/null || true
+  [[ -n $loop ]] && losetup -d $loop 2>/dev/null || true
   rm -rf --one-file-system "$work"
 }
 trap cleanup EXIT
@@ -85,19 +85,23 @@ label: dos
 start=1MiB, size=${boot_mib}MiB, type=c, bootable
 start=$(( 1 + boot_mib ))MiB, type=83
 PARTS
-loop=$(losetup --find --show --partscan "$image")
-mkfs.vfat -F 32 -n RASPIFIRM "${loop}p1" >/dev/null
-mkfs.ext4 -q -L RASPIROOT "${loop}p2"
-mkdir -p "$work/root" "$work/boot"
-mount "${loop}p2" "$work/root"
-mount "${loop}p1" "$work/boot"
+# One loop device per partition, by offset (a container may have no udev to make the
+# partition nodes of --partscan).
+loop_boot=$(losetup --find --show --offset 1048576 --sizelimit $(( boot_mib * 1048576 )) "$image")
+loop_root=$(losetup --find --show --offset $(( (1 + boot_mib) * 1048576 )) "$image")
+loop="$loop_boot $loop_root"
+mkfs.vfat -F 32 -n RASPIFIRM "$loop_boot" >/dev/null
+mkfs.ext4 -q -L RASPIROOT "$loop_root"
+mkdir -p "$work/root"
+mount "$loop_root" "$work/root"
 tar -C "$work/root" --numeric-owner --xattrs -xf "$prov_tar"
 root=$work/root
 # The boot partition: raspi-firmware's files (kernel, initrd, device trees, config.txt,
-# cmdline.txt) and the settings file the owner edits (docs/image.md).
-cp -rT --no-preserve=mode,ownership "$root/boot/firmware" "$work/boot"
+# cmdline.txt) and the settings file the owner edits (docs/image.md), written with mtools (no
+# vfat mount needed: a build container's kernel may have no vfat).
+cp "$here/firstboot/pihub.txt" "$root/boot/firmware/pihub.txt"
+MTOOLS_SKIP_CHECK=1 mcopy -s -i "$loop_boot" "$root/boot/firmware/"* ::
 rm -rf "${root:?}/boot/firmware/"*
-install -m 0644 "$here/firstboot/pihub.txt" "$work/boot/pihub.txt"
 
 # The root: the first-boot service, mounts, the network.
 install -m 0755 "$here/firstboot/pihub-firstboot" "$root/usr/local/sbin/pihub-firstboot"
@@ -121,9 +125,9 @@ echo "pihub $version $(date -u +%Y-%m-%dT%H:%MZ) inventory=pihub-image" >"$root/
 : >"$root/etc/machine-id"
 rm -f "$root/var/lib/dbus/machine-id" "$root"/etc/ssh/ssh_host_* "$root/etc/pihub/secrets/mqtt.secret"
 rm -rf "$root/var/lib/systemd/random-seed" "$root"/var/log/journal/* "$root"/tmp/* "$root/root/.ansible"
-umount "$work/boot" "$work/root"
-e2fsck -fy "${loop}p2" >/dev/null || [[ $? -le 1 ]]
-losetup -d "$loop"; loop=""
+umount "$work/root"
+e2fsck -fy "$loop_root" >/dev/null || [[ $? -le 1 ]]
+losetup -d $loop; loop=""
 log "assemble: $(( $(date +%s) - t )) s"
 
 t=$(date +%s)
