@@ -70,34 +70,39 @@ class Card:
         subprocess.run(
             ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key)], check=True
         )
-        loop = subprocess.run(
-            ["losetup", "--find", "--show", "--partscan", str(self.path)],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        mnt = work / "boot"
-        mnt.mkdir()
-        try:
-            subprocess.run(["mount", f"{loop}p1", str(mnt)], check=True)
-            try:
-                self.kernel = self._copy_newest(mnt, "vmlinuz-*")
-                self.initrd = self._copy_newest(mnt, "initrd.img-*")
-                settings = (mnt / "pihub.txt").read_text()
-                settings = re.sub(r"(?m)^hostname = .*$", f"hostname = {HOSTNAME}", settings)
-                settings = re.sub(r"(?m)^user = .*$", f"user = {USER}", settings)
-                settings += f"ssh_key = {(work / 'id_ed25519.pub').read_text().strip()}\n"
-                (mnt / "pihub.txt").write_text(settings)
-            finally:
-                subprocess.run(["umount", str(mnt)], check=True)
-        finally:
-            subprocess.run(["losetup", "-d", loop], check=True)
+        # The boot partition by its offset, with mtools (no partition nodes or vfat needed).
+        table = json.loads(
+            subprocess.run(
+                ["sfdisk", "--json", str(self.path)], check=True, capture_output=True, text=True
+            ).stdout
+        )["partitiontable"]
+        boot = table["partitions"][0]
+        self.fat = f"{self.path}@@{boot['start'] * int(table.get('sectorsize', 512))}"
+        names = self._mtools("mdir", "-b", "::").split()
+        self.kernel = self._copy_newest(names, "vmlinuz-")
+        self.initrd = self._copy_newest(names, "initrd.img-")
+        settings = self._mtools("mtype", "::/pihub.txt")
+        settings = re.sub(r"(?m)^hostname = .*$", f"hostname = {HOSTNAME}", settings)
+        settings = re.sub(r"(?m)^user = .*$", f"user = {USER}", settings)
+        settings += f"ssh_key = {(work / 'id_ed25519.pub').read_text().strip()}\n"
+        (work / "pihub.txt").write_text(settings)
+        self._mtools("mcopy", "-o", str(work / "pihub.txt"), "::/pihub.txt")
 
-    def _copy_newest(self, mnt: Path, pattern: str) -> Path:
-        found = sorted(mnt.glob(pattern))
+    def _mtools(self, tool: str, *args: str) -> str:
+        env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
+        done = subprocess.run(
+            [tool, "-i", self.fat, *args], check=True, capture_output=True, text=True, env=env
+        )
+        return done.stdout
+
+    def _copy_newest(self, names: list[str], prefix: str) -> Path:
+        found = sorted(
+            n.removeprefix("::/") for n in names if n.removeprefix("::/").startswith(prefix)
+        )
         if not found:
-            raise SystemExit(f"the image's boot partition has no {pattern}")
-        return Path(shutil.copy(found[-1], self.work / found[-1].name))
+            raise SystemExit(f"the image's boot partition has no {prefix}*")
+        self._mtools("mcopy", "-o", f"::/{found[-1]}", str(self.work / found[-1]))
+        return self.work / found[-1]
 
 
 class Emulator:
