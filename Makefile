@@ -32,7 +32,7 @@ test: setup ## Set up, then every test: unit tests, linters, the fresh-machine s
 	$(MAKE) molecule-raspberrypi
 
 .PHONY: test-all
-test-all: test test-homeassistant ## Every proof, the heavy ones too: make test, then a real Home Assistant (arm64, fleet, upgrade, image boot will join)
+test-all: test test-homeassistant test-image-pi ## Every proof, the heavy ones too: make test, then a real Home Assistant, then the Pi image booted in qemu
 
 .PHONY: test-homeassistant
 test-homeassistant: $(PYTHON) ## A real Home Assistant core (its own venv) reads pihub's entities back
