@@ -11,7 +11,11 @@ tunnel to the Pi's loopback-only broker (with monitor's login, which reads every
 Each wait has a deadline; the figures (emulated!) are printed and, with --save, written to
 bench/results/image_pi.json.
 
-Usage: python images/pi/boot_test.py [IMAGE] [--keep] [--no-play] [--save]   (root)
+With --power-cut the first boot is cut first: the emulator is killed (SIGKILL: the guest's
+unwritten pages are lost, as in a power cut) a few seconds into pihub-firstboot's work, and the
+card boots again; every check then runs on that second boot.
+
+Usage: python images/pi/boot_test.py [IMAGE] [--keep] [--no-play] [--save] [--power-cut S]
 """
 
 from __future__ import annotations
@@ -106,10 +110,10 @@ class Card:
 
 
 class Emulator:
-    def __init__(self, card: Card, work: Path) -> None:
+    def __init__(self, card: Card, work: Path, console: str = "console.log") -> None:
         self.card = card
         self.port = free_port()
-        self.console = work / "console.log"
+        self.console = work / console
         cmd = [
             "qemu-system-aarch64",
             "-M",
@@ -350,6 +354,12 @@ def main() -> int:
     parser.add_argument("image", nargs="?", type=Path)
     parser.add_argument("--keep", action="store_true", help="leave the emulator running at the end")
     parser.add_argument("--no-play", action="store_true", help="skip the play over SSH")
+    parser.add_argument(
+        "--power-cut",
+        type=float,
+        metavar="S",
+        help="kill the emulator S seconds after the first boot's service starts, then boot again",
+    )
     parser.add_argument("--save", action="store_true", help="write bench/results/image_pi.json")
     args = parser.parse_args()
     image = args.image or max(
@@ -359,6 +369,23 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="pihub-boot-test.", dir="/var/tmp"))
     log(f"work directory {work} (card, console.log, play.log)")
     card = Card(image, work)
+    if args.power_cut is not None:
+        cut = Emulator(card, work, "console-cut.log")
+        end = time.monotonic() + BOOT_DEADLINE_S
+        while not cut.console.exists() or "pihub-firstboot" not in cut.console.read_text(
+            errors="replace"
+        ):
+            if time.monotonic() > end or cut.proc.poll() is not None:
+                raise SystemExit(f"the first boot's service never started; {cut.console}")
+            time.sleep(0.2)
+        time.sleep(args.power_cut)
+        cut.proc.kill()
+        cut.proc.wait()
+        console = cut.console.read_text(errors="replace")
+        log(
+            f"power cut {args.power_cut} s into the first boot's service; it had printed: "
+            + " | ".join(ln.strip() for ln in console.splitlines() if "pihub-firstboot[" in ln)
+        )
     emu = Emulator(card, work)
     figures: dict[str, object] = {
         "image": image.name,
