@@ -32,7 +32,7 @@ test: setup ## Set up, then every test: unit tests, linters, the fresh-machine s
 	$(MAKE) molecule-raspberrypi
 
 .PHONY: test-all
-test-all: test test-homeassistant test-image-pi molecule-backup ## Every proof, the heavy ones too: make test, then a real Home Assistant, the Pi image booted in qemu, backup → restore onto a second stand-in
+test-all: test test-homeassistant test-image-pi molecule-backup molecule-arm64 ## Every proof, the heavy ones too: make test, then a real Home Assistant, the Pi image booted in qemu, backup → restore onto a second stand-in, the stack on an emulated arm64 stand-in
 
 .PHONY: test-homeassistant
 test-homeassistant: $(PYTHON) ## A real Home Assistant core (its own venv) reads pihub's entities back
@@ -122,6 +122,7 @@ export PIHUB_STANDIN_ARM64_IMAGE := $(STANDIN_ARM64_IMAGE)
 MOLECULE_ARM64_PACKAGE_SOURCE ?= .cache/molecule-arm64-package-source
 .PHONY: molecule-arm64
 molecule-arm64: $(PYTHON) ## Molecule arm64: the full stack converged on an emulated arm64 stand-in, heartbeats, a stored measurement
+	scripts/setup.sh image
 	images/standin/build.sh $(STANDIN_ARM64_IMAGE)
 	rm -rf $(MOLECULE_ARM64_PACKAGE_SOURCE) && mkdir -p $(MOLECULE_ARM64_PACKAGE_SOURCE)
 	tar -C files/daemons --exclude=__pycache__ --exclude=*.egg-info --exclude=build \

@@ -12,7 +12,7 @@
 # Usage: images/standin/build.sh [IMAGE]   (default pihub-standin:bookworm)
 # The Debian suite and architecture are the image's tag: pihub-standin:trixie is trixie for this
 # machine's architecture, pihub-standin:bookworm-arm64 is an arm64 bookworm (a Pi's), built by
-# foreign debootstrap and run under qemu-user-static (binfmt_misc; scripts/setup.sh arm64).
+# foreign debootstrap and run under qemu-user-static (binfmt_misc; scripts/setup.sh image).
 # Other tags: SUITE (default bookworm) and ARCH (default this machine's).
 set -euo pipefail
 
@@ -64,7 +64,7 @@ root=$work/rootfs
 if [[ $arch != "$(dpkg --print-architecture)" ]]; then
   # debootstrap runs the foreign root's second stage through binfmt_misc and qemu-user-static.
   [[ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]] || {
-    echo "building $arch needs qemu-user-static registered in binfmt_misc (scripts/setup.sh arm64)" >&2
+    echo "building $arch needs qemu-user-static registered in binfmt_misc (scripts/setup.sh image)" >&2
     exit 1
   }
 fi
