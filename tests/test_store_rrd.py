@@ -32,6 +32,8 @@ class RrdCached:
         self.address = f"unix:{self.socket}"
         self.log = workdir / "rrdcached.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        #: -F: flush every file when stopped; without it, what it holds stays in its journal
+        self.flush_on_exit = True
 
     def start(self) -> None:
         journal = self.workdir / "journal"
@@ -41,7 +43,8 @@ class RrdCached:
             self.proc = subprocess.Popen(
                 ["rrdcached", "-g", "-p", str(self.workdir / "rrdcached.pid"), "-l", self.address,
                  "-b", str(self.base), "-B",
-                 "-j", str(journal), "-F", "-w", "3600", "-f", "7200", "-z", "1"],
+                 "-j", str(journal), *(["-F"] if self.flush_on_exit else []),
+                 "-w", "3600", "-f", "7200", "-z", "1"],
                 stdout=log, stderr=subprocess.STDOUT)
         wait_until(self._accepts, 10, f"rrdcached on {self.socket}")
 
@@ -357,28 +360,91 @@ def test_full_disk_fails_new_series_while_existing_ones_go_on(store, observe, to
     assert d.stop() == 0
 
 
-def test_rrdcached_down_falls_back_to_direct_writes(store, observe, topic_root, rrd_dir):
-    d, cached = store("rrdcached", rrdcached_retry=1)
+def fetch_rows(path: Path, start: int, end: int) -> dict[int, float | None]:
+    """AVERAGE rows at 1 min of ``path`` from ``start`` to ``end``: {row time: value or None}."""
+    out = subprocess.run([RRDTOOL, "fetch", str(path), "AVERAGE", "-r", "60", "-s", str(start),
+                          "-e", str(end)], capture_output=True, text=True, check=True).stdout
+    rows: dict[int, float | None] = {}
+    for line in out.splitlines():
+        stamp, sep, value = line.partition(":")
+        if sep and stamp.strip().isdigit():
+            v = float(value)
+            rows[int(stamp)] = None if v != v else v
+    return rows
+
+
+def test_rrdcached_down_holds_updates_and_its_journal_survives(store, observe, topic_root,
+                                                                rrd_dir):
+    """rrdcached killed with updates in its journal, measurements meanwhile, rrdcached started
+    again on that journal: every row is in the RRD (nothing written around rrdcached, whose
+    replayed journal would then be older than the file and refused as a whole)."""
+    d, cached = store("rrdcached", rrdcached_retry=0.5)
     assert cached is not None
+    cached.stop()
+    cached.flush_on_exit = False  # as the rrd role runs it: a restart keeps the updates journaled
+    cached.start()
     obs = observe(f"{topic_root}/store-rrd/meta")
     topic = f"{topic_root}/data/porch/temperature"
-    t0 = time.time() - 600
-    obs.publish(topic, measurement(5, t0))
-    counters(obs, topic_root, lambda c: c.get("stored") == 1, "stored via rrdcached")
-    cached.stop()  # flushes what it holds (-F)
-    obs.publish(topic, measurement(6, t0 + 60))
-    counters(obs, topic_root, lambda c: c.get("stored") == 2 and c.get("rrdcached_errors", 0) >= 1,
-             "stored directly while rrdcached is down")
-    assert last_update(rrd_dir / "porch" / "temperature.rrd") == (
-        pytest.approx(t0 + 60, abs=1), 6.0)
-    d.wait_log("writing directly")
+    path = rrd_dir / "porch" / "temperature.rrd"
+    t0 = int(time.time()) // 60 * 60 - 1200
+    for i in range(5):
+        obs.publish(topic, measurement(i, t0 + 60 * i))
+    counters(obs, topic_root, lambda c: c.get("stored") == 5, "5 stored via rrdcached")
+    pending = cached.command(f"PENDING {path}")
+    assert len(pending) == 6 and pending[-1].endswith(":4.0"), pending  # held, journaled only
+    cached.stop()  # SIGTERM without -F: the 5 updates are in its journal only (SIGKILL would
+    # lose them in its journal's write buffer: rrdcached's own limit)
+    assert sum(p.stat().st_size for p in (cached.workdir / "journal").iterdir()) > 0
 
-    cached.start()
-    # after rrdcached_retry, the socket is used again
-    wait_until(lambda: obs.publish(topic, measurement(7, time.time())) or
-               cached.stats()["UpdatesReceived"] >= 1, 20, "an update through rrdcached again",
-               interval=0.5)
+    for i in range(5, 10):
+        obs.publish(topic, measurement(i, t0 + 60 * i))
+    beat = counters(obs, topic_root, lambda c: c.get("rrdcached_errors", 0) >= 1,
+                    "rrdcached errors counted")
+    beat = wait_until(
+        lambda: next((m.json() for m in reversed(obs.messages(f"{topic_root}/store-rrd/meta"))
+                      if m.json()["event"] == "heartbeat"
+                      and m.json().get("rrdcached_backlog") == 5), None),
+        20, "a heartbeat with 5 updates held")
+    assert beat["rrdcached"] == "down"
+    assert beat["counters"]["stored"] == 5  # the held ones are not stored yet
+    d.wait_log("holding updates in memory")
+    # nothing was written into the file around rrdcached
+    assert subprocess.run([RRDTOOL, "lastupdate", str(path)], capture_output=True, text=True,
+                          check=True).stdout.strip().splitlines()[-1].split(":")[0] == str(t0 - 1)
+
+    cached.start()  # replays its journal, then gets the held updates from the timer, in order
+    beat = counters(obs, topic_root, lambda c: c.get("stored") == 10, "10 stored")
+    beat = wait_until(
+        lambda: next((m.json() for m in reversed(obs.messages(f"{topic_root}/store-rrd/meta"))
+                      if m.json()["event"] == "heartbeat" and m.json()["rrdcached"] == "up"
+                      and m.json().get("rrdcached_backlog") == 0), None),
+        20, "a heartbeat with rrdcached up and nothing held")
+    assert beat["counters"]["rrdcached_dropped"] == 0
+    assert beat["counters"]["stale"] == 0
+    d.wait_log("answers again: 5 held update(s) sent in order")
+    assert last_update(path, cached) == (pytest.approx(t0 + 540, abs=1), 9.0)
+    rows = fetch_rows(path, t0, t0 + 540)
+    # the row ending at t0 + 60 i holds the value published at that time
+    assert [rows.get(t0 + 60 * i) for i in range(1, 10)] == [float(i) for i in range(1, 10)], \
+        rows
+    assert "rrdcached_errors" in beat["counters"]
+    assert error_lines(d) == []
     assert d.stop() == 0
+
+
+def test_backlog_keeps_arrival_order_and_drops_the_oldest_beyond_its_limit():
+    from pihub.daemons.store_rrd import Backlog
+
+    backlog = Backlog(3)
+    assert [backlog.add("a.rrd", t, t * 10) for t in (1.0, 2.0, 3.0)] == [0, 0, 0]
+    assert backlog.add("b.rrd", 4.0, 40.0) == 1  # the oldest goes
+    assert backlog.add("a.rrd", 5.0, 50.0) == 1
+    assert len(backlog) == 3
+    seen = []
+    while len(backlog):
+        seen.append(backlog.first())
+        backlog.pop_first()
+    assert seen == [("a.rrd", 3.0, 30.0), ("b.rrd", 4.0, 40.0), ("a.rrd", 5.0, 50.0)]
 
 
 # --------------------------------------------------------------------------- graphs

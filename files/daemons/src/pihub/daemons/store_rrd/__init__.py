@@ -11,8 +11,15 @@ AVERAGE, MIN and MAX archives of 2 days at 1 min, 2 weeks at 5 min, 13 months at
 (``{"location", "quantity", "unit", "topic", "created"}``) for graphs and readers.
 
 Updates go through rrdcached's socket (its text protocol, ``UPDATE <file> <ts>:<value>``) when
-``rrdcached_socket`` is set, and straight into the file otherwise; while rrdcached cannot be
-reached they go straight into the file too. Files are created with ``rrdtool create`` (never
+``rrdcached_socket`` is set, and straight into the file otherwise. With rrdcached they never go
+around it: it holds up to an hour of updates in its cache and journal, and replays the journal
+when it starts again; an update written into the file meanwhile would be newer than those, so
+rrdcached's next flush of that file would be refused as a whole and all it held lost. While
+rrdcached cannot be reached, updates wait in memory in arrival order (at most
+``rrdcached_backlog``, the oldest dropped beyond: counted ``rrdcached_dropped``, logged once per
+outage), its socket is tried again every ``rrdcached_retry`` seconds (on the next message or a
+timer, so a quiet series is sent too), and once it answers the backlog is sent in order, then the
+new update. Files are created with ``rrdtool create`` (never
 through rrdcached, which only learns a file once it exists). Direct writes and creations use one
 ``rrdtool -`` process (rrdtool's pipe mode): no compiled Python binding. It is started when
 needed and ended once unused for ``RRDTOOL_IDLE_S``: with rrdcached up it is needed only for a
@@ -30,8 +37,8 @@ already there go on. A unit is at most ``pihub.topics.MAX_UNIT`` characters (con
 a sidecar stays small.
 
 Publishes nothing of its own besides ``<root>/store-rrd/status`` and ``.../meta`` (counters
-``stored``, ``created``, ``stale``, ``write_errors``, ``rrdcached_errors``, ``series_refused``;
-``series`` and ``rrdcached`` state in the heartbeat).
+``stored``, ``created``, ``stale``, ``write_errors``, ``rrdcached_errors``, ``rrdcached_dropped``,
+``series_refused``; ``series``, ``rrdcached`` state and ``rrdcached_backlog`` in the heartbeat).
 
 ``pihub-store-rrd --graph [SERIES...]`` renders PNG graphs (last day, week, month, year) of the
 series (``location/quantity``; all of them by default) into ``--out``: the daemon's second
@@ -49,6 +56,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,13 +92,21 @@ class Config(BaseConfig):
         pattern=SOCKET_PATTERN,
     )
     rrdcached_timeout: float = setting(
-        10.0, "Seconds to wait for rrdcached to answer before writing directly.", min=0.1,
-        max=300,
+        10.0, "Seconds to wait for rrdcached to answer before taking it for down (updates then "
+        "wait in memory, see rrdcached_backlog).", min=0.1, max=300,
     )
     rrdcached_retry: float = setting(
         10.0,
-        "Seconds to write directly after rrdcached failed, before trying its socket again.",
+        "Seconds between tries of rrdcached's socket while it is down; meanwhile updates wait "
+        "in memory (never written around rrdcached, whose journal would then be refused).",
         min=0.1, max=3600,
+    )
+    rrdcached_backlog: int = setting(
+        100000,
+        "Most updates held in memory while rrdcached is down (about 100 bytes each), sent in "
+        "order once it answers; beyond, the oldest are dropped, counted (rrdcached_dropped) "
+        "and logged once per outage (they remain in the timeseries DB).",
+        min=1, max=10_000_000,
     )
     rrd_heartbeat: int = setting(
         300,
@@ -254,7 +270,18 @@ class RrdCached:
         self._sock, self._file = sock, sock.makefile("rb")
 
     def command(self, line: str) -> list[str]:
-        """Send one command; its answer's lines. OSError: the socket failed (closed then)."""
+        """Send one command; its answer's lines. OSError: the socket failed (closed then).
+
+        A kept connection that rrdcached closed meanwhile (it restarted) is opened afresh once.
+        """
+        if self._sock is not None:
+            try:
+                return self._command(line)
+            except ConnectionError:
+                pass  # closed by now: once more on a new connection
+        return self._command(line)
+
+    def _command(self, line: str) -> list[str]:
         if self._sock is None:
             self._connect()
         assert self._sock is not None
@@ -287,6 +314,36 @@ class RrdCached:
         if self._sock is not None:
             self._sock.close()
         self._sock = self._file = None
+
+
+# --------------------------------------------------------------------------- the backlog
+
+
+class Backlog:
+    """Updates ``(file, ts, value)`` waiting for rrdcached, in arrival order; at most ``limit``,
+    the oldest dropped beyond."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._q: deque[tuple[str, float, float]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    def add(self, path: str, ts: float, value: float) -> int:
+        """Append one update; how many of the oldest were dropped to make room (0 or more)."""
+        self._q.append((path, ts, value))
+        dropped = 0
+        while len(self._q) > self.limit:
+            self._q.popleft()
+            dropped += 1
+        return dropped
+
+    def first(self) -> tuple[str, float, float]:
+        return self._q[0]
+
+    def pop_first(self) -> None:
+        self._q.popleft()
 
 
 # --------------------------------------------------------------------------- the daemon
@@ -342,6 +399,11 @@ class StoreRrd(Daemon[Config]):
         self.cached = (RrdCached(config.rrdcached_socket, config.rrdcached_timeout)
                        if config.rrdcached_socket else None)
         self._cached_down_until = 0.0
+        #: updates waiting for rrdcached while it is down (never written around it)
+        self._backlog = Backlog(config.rrdcached_backlog)
+        #: rrdcached found down and not answering again yet: one warning, one drop error per outage
+        self._outage = False
+        self._dropped_logged = False
         self._series: dict[tuple[str, str], Series] = {}
         self._failing: set[tuple[str, str]] = set()
         #: the series with a file in rrd_dir (found at start, or created since)
@@ -366,10 +428,19 @@ class StoreRrd(Daemon[Config]):
         self.log.info("storing into %s, %s; %d series there (max_series=%d)", self.rrd_dir,
                       mode, len(self._known), self.config.max_series)
         for counter in ("stored", "created", "stale", "write_errors", "rrdcached_errors",
-                        "series_refused"):
+                        "rrdcached_dropped", "series_refused"):
             self.count(counter, 0)  # every counter in every heartbeat, from the start
         self.subscribe_data(self.store)
         self.every(RRDTOOL_IDLE_S / 2, self._rrdtool_idle, first_in=RRDTOOL_IDLE_S / 2)
+        if self.cached is not None:
+            # a quiet series' backlog must reach rrdcached too once it is back
+            self.every(self.config.rrdcached_retry, self._retry_backlog,
+                       first_in=self.config.rrdcached_retry)
+
+    def _retry_backlog(self) -> None:
+        with self._lock:
+            if len(self._backlog) and time.monotonic() >= self._cached_down_until:
+                self._drain()
 
     def _rrdtool_idle(self) -> None:
         if self.rrdtool.close_if_idle(RRDTOOL_IDLE_S):
@@ -380,6 +451,11 @@ class StoreRrd(Daemon[Config]):
 
     def shutdown(self) -> None:
         with self._lock:
+            if len(self._backlog):
+                self._drain()
+            if len(self._backlog):
+                self.log.error("stopping with %d update(s) rrdcached never took: lost for the "
+                               "RRDs (they remain in the timeseries DB)", len(self._backlog))
             if self.cached is not None:
                 self.cached.close()
             self.rrdtool.close()
@@ -387,9 +463,12 @@ class StoreRrd(Daemon[Config]):
     def heartbeat_extra(self) -> dict[str, Any]:
         with self._lock:
             n = len(self._known)
-        state = "off" if self.cached is None else (
-            "down" if self._cached_down_until > time.monotonic() else "up")
-        return {"series": n, "rrdcached": state}
+            backlog = len(self._backlog)
+            state = "off" if self.cached is None else ("down" if self._outage else "up")
+        extra: dict[str, Any] = {"series": n, "rrdcached": state}
+        if self.cached is not None:
+            extra["rrdcached_backlog"] = backlog
+        return extra
 
     # ------------------------------------------------------------------ per message
 
@@ -406,7 +485,8 @@ class StoreRrd(Daemon[Config]):
                 series = self._series.get(key)
                 if series is None or series.unit != m.unit:
                     series = self._open(m, msg.topic)
-                self._update(series, m.ts, m.value)
+                if not self._update(series, m.ts, m.value):
+                    return  # held for rrdcached: counted when it takes it
             except RrdError as exc:
                 if exc.stale:
                     self.count("stale")
@@ -468,17 +548,73 @@ class StoreRrd(Daemon[Config]):
         except OSError as exc:
             self.log.warning("cannot make %s group-writable: %s", path, exc)
 
-    def _update(self, series: Series, ts: float, value: float) -> None:
-        if self.cached is not None and time.monotonic() >= self._cached_down_until:
+    def _update(self, series: Series, ts: float, value: float) -> bool:
+        """Hand one update on; False when it waits in the backlog for rrdcached."""
+        if self.cached is None:
+            self.rrdtool.run("update", str(series.path), f"{rrd_number(ts)}:{rrd_number(value)}")
+            return True
+        if len(self._backlog) and time.monotonic() >= self._cached_down_until:
+            self._drain()
+        if not len(self._backlog) and time.monotonic() >= self._cached_down_until:
             try:
                 self.cached.update(str(series.path), ts, value)
-                return
+                return True
             except OSError as exc:
-                self.count("rrdcached_errors")
-                self._cached_down_until = time.monotonic() + self.config.rrdcached_retry
-                self.log.warning("rrdcached at %s failed (%s); writing directly for %.0f s",
-                                 self.config.rrdcached_socket, exc, self.config.rrdcached_retry)
-        self.rrdtool.run("update", str(series.path), f"{rrd_number(ts)}:{rrd_number(value)}")
+                self._down(exc)
+        self._hold(str(series.path), ts, value)
+        return False
+
+    def _down(self, exc: OSError) -> None:
+        """rrdcached failed: try it again after rrdcached_retry; warn once per outage."""
+        assert self.cached is not None
+        self.count("rrdcached_errors")
+        self._cached_down_until = time.monotonic() + self.config.rrdcached_retry
+        if not self._outage:
+            self._outage = True
+            self._dropped_logged = False
+            self.log.warning("rrdcached at %s failed (%s); holding updates in memory (at most "
+                             "%d) and trying it again every %g s", self.config.rrdcached_socket,
+                             exc, self._backlog.limit, self.config.rrdcached_retry)
+        else:
+            self.log.debug("rrdcached still down (%s); %d update(s) held", exc,
+                           len(self._backlog))
+
+    def _hold(self, path: str, ts: float, value: float) -> None:
+        dropped = self._backlog.add(path, ts, value)
+        if dropped:
+            self.count("rrdcached_dropped", dropped)
+            if not self._dropped_logged:
+                self._dropped_logged = True
+                self.log.error("rrdcached down and rrdcached_backlog=%d updates held: dropping "
+                               "the oldest for the RRDs (they remain in the timeseries DB); "
+                               "counted in rrdcached_dropped, logged once per outage",
+                               self._backlog.limit)
+
+    def _drain(self) -> bool:
+        """Send the backlog to rrdcached in order; True when all of it went (under _lock)."""
+        assert self.cached is not None
+        sent = 0
+        while len(self._backlog):
+            path, ts, value = self._backlog.first()
+            try:
+                self.cached.update(path, ts, value)
+            except OSError as exc:
+                self._down(exc)
+                return False
+            except RrdError as exc:
+                self.count("stale" if exc.stale else "write_errors")
+                self.log.debug("held update %s %.3f:%s refused by rrdcached: %s", path, ts,
+                               value, exc)
+            else:
+                self.count("stored")
+            self._backlog.pop_first()
+            sent += 1
+        self._cached_down_until = 0.0
+        if self._outage:
+            self._outage = False
+            self.log.info("rrdcached at %s answers again: %d held update(s) sent in order",
+                          self.config.rrdcached_socket, sent)
+        return True
 
 
 def main(argv: list[str] | None = None) -> int:
