@@ -103,7 +103,7 @@ class Config(BaseConfig):
     )
     rrdcached_backlog: int = setting(
         100000,
-        "Most updates held in memory while rrdcached is down (about 100 bytes each), sent in "
+        "Most updates held in memory while rrdcached is down (about 120 bytes each), sent in "
         "order once it answers; beyond, the oldest are dropped, counted (rrdcached_dropped) "
         "and logged once per outage (they remain in the timeseries DB).",
         min=1, max=10_000_000,
