@@ -432,6 +432,34 @@ def test_rrdcached_down_holds_updates_and_its_journal_survives(store, observe, t
     assert d.stop() == 0
 
 
+def test_backlog_beyond_its_limit_drops_the_oldest_counted_and_logged_once(store, observe,
+                                                                           topic_root, rrd_dir):
+    d, cached = store("rrdcached", rrdcached_retry=0.5, rrdcached_backlog=3)
+    assert cached is not None
+    obs = observe(f"{topic_root}/store-rrd/meta")
+    topic = f"{topic_root}/data/shed/temperature"
+    path = rrd_dir / "shed" / "temperature.rrd"
+    cached.stop()
+    t0 = int(time.time()) // 60 * 60 - 1200
+    for i in range(6):
+        obs.publish(topic, measurement(i, t0 + 60 * i))
+    wait_until(
+        lambda: any(m.json()["event"] == "heartbeat" and m.json().get("rrdcached_backlog") == 3
+                    and m.json()["counters"].get("rrdcached_dropped") == 3
+                    for m in obs.messages(f"{topic_root}/store-rrd/meta")),
+        20, "3 held, 3 dropped")
+    errors = error_lines(d)
+    assert len(errors) == 1 and "rrdcached_backlog=3" in errors[0], errors  # once per outage
+
+    cached.start()
+    counters(obs, topic_root, lambda c: c.get("stored") == 3 and c.get("stale") == 0,
+             "the 3 held ones stored")
+    assert last_update(path, cached) == (pytest.approx(t0 + 300, abs=1), 5.0)
+    rows = fetch_rows(path, t0, t0 + 300)
+    assert [rows.get(t0 + 60 * i) for i in (4, 5)] == [4.0, 5.0], rows
+    assert d.stop() == 0
+
+
 def test_backlog_keeps_arrival_order_and_drops_the_oldest_beyond_its_limit():
     from pihub.daemons.store_rrd import Backlog
 
