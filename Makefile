@@ -32,7 +32,7 @@ test: setup ## Set up, then every test: unit tests, linters, the fresh-machine s
 	$(MAKE) molecule-raspberrypi
 
 .PHONY: test-all
-test-all: test test-homeassistant test-image-pi molecule-backup molecule-arm64 ## Every proof, the heavy ones too: make test, then a real Home Assistant, the Pi image booted in qemu, backup → restore onto a second stand-in, the stack on an emulated arm64 stand-in
+test-all: test test-homeassistant test-image-pi molecule-backup molecule-upgrade molecule-arm64 ## Every proof, the heavy ones too: make test, then a real Home Assistant, the Pi image booted in qemu, backup → restore onto a second stand-in, an upgrade in place, the stack on an emulated arm64 stand-in
 
 .PHONY: test-homeassistant
 test-homeassistant: $(PYTHON) ## A real Home Assistant core (its own venv) reads pihub's entities back
