@@ -30,6 +30,7 @@ is lost on the way back (a timeout after the server acted).
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import email.utils
 import json
@@ -365,7 +366,7 @@ RELOADABLE = frozenset({"topics", "default_priority", "timeout", "dedupe_window_
 # --------------------------------------------------------------------------- the daemon
 
 
-class Notifier(Daemon[NC]):
+class Notifier(Daemon[NC], abc.ABC):
     """A daemon that sends the notification requests to one channel (module docstring)."""
 
     #: the channel's name in log lines ("Pushover", "ntfy", "SMTP")
@@ -399,11 +400,11 @@ class Notifier(Daemon[NC]):
     def close_channel(self) -> None:
         """Release it; called once at stop."""
 
+    @abc.abstractmethod
     def deliver(self, batch: list[Request]) -> str:
         """Hand ``batch`` (oldest first; one request unless :meth:`next_batch` says otherwise)
         to the channel. Return what the channel said (its id for it) once it **accepted** the
         batch; raise :class:`TryLater`, :class:`HoldOff` or :class:`Refused` otherwise."""
-        raise NotImplementedError
 
     def next_batch(self, now: float) -> list[Request]:
         """What to send next (``now``: monotonic seconds): the head of the queue. A channel
