@@ -590,8 +590,9 @@ class StoreRrd(Daemon[Config]):
                                "counted in rrdcached_dropped, logged once per outage",
                                self._backlog.limit)
 
-    def _drain(self) -> bool:
-        """Send the backlog to rrdcached in order; True when all of it went (under _lock)."""
+    def _drain(self) -> None:
+        """Send the backlog to rrdcached in order, until it is empty or rrdcached fails (under
+        _lock; a failure marks it down again)."""
         assert self.cached is not None
         sent = 0
         while len(self._backlog):
@@ -600,7 +601,7 @@ class StoreRrd(Daemon[Config]):
                 self.cached.update(path, ts, value)
             except OSError as exc:
                 self._down(exc)
-                return False
+                return
             except RrdError as exc:
                 self.count("stale" if exc.stale else "write_errors")
                 self.log.debug("held update %s %.3f:%s refused by rrdcached: %s", path, ts,
@@ -614,7 +615,6 @@ class StoreRrd(Daemon[Config]):
             self._outage = False
             self.log.info("rrdcached at %s answers again: %d held update(s) sent in order",
                           self.config.rrdcached_socket, sent)
-        return True
 
 
 def main(argv: list[str] | None = None) -> int:
